@@ -1,0 +1,109 @@
+"""Capture speed and memory against baselines measured in the same run.
+
+Prints tokens/s of (1) ``saekit`` capture end to end (tokenising, hooks, shard
+writing, checksums), (2) a bare transformers forward truncated after the hooked
+layer, (3) a full-model TransformerLens ``run_with_cache``; the two ratios; and
+the peak RSS of a ``saekit cache`` subprocess capturing ``--rss-tokens`` tokens.
+Targets: (1)/(2) >= 0.95, (1)/(3) >= 3, peak RSS < 4 GiB for 1M tokens.
+
+    python benchmarks/capture.py                       # 64k tokens timed, 1M for RSS
+    python benchmarks/capture.py --rss-tokens 0        # skip the RSS run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from saekit import CaptureConfig, capture_activations, load_model
+from saekit.cache import ActivationCache
+from saekit.capture import hook_layer
+
+
+def tokens_per_second(run, n_tokens: int) -> float:
+    start = time.perf_counter()
+    run()
+    return n_tokens / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def bare_truncated_forward(hf_model, rows: torch.Tensor, n_layers: int, batch_rows: int) -> None:
+    """transformers' own decoder, cut after ``n_layers`` blocks, no hooks, nothing kept."""
+    decoder = hf_model.model
+    all_layers = decoder.layers
+    decoder.layers = all_layers[:n_layers]
+    try:
+        for start in range(0, len(rows), batch_rows):
+            decoder(rows[start:start + batch_rows])
+    finally:
+        decoder.layers = all_layers
+
+
+@torch.inference_mode()
+def full_run_with_cache(model, rows: torch.Tensor, batch_rows: int) -> None:
+    for start in range(0, len(rows), batch_rows):
+        model.run_with_cache(rows[start:start + batch_rows])
+
+
+def peak_rss_of_capture(tokens: int, hook: str, out: Path) -> float:
+    """GiB of peak resident memory of ``saekit cache`` capturing ``tokens`` tokens."""
+    subprocess.run([sys.executable, "-m", "saekit", "cache", "--hook", hook, "--tokens",
+                    str(tokens), "--out", str(out)], check=True)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=65_536)
+    parser.add_argument("--full-tokens", type=int, default=8_192,
+                        help="tokens for the (slow) full-model run_with_cache")
+    parser.add_argument("--rss-tokens", type=int, default=1_000_000)
+    parser.add_argument("--hook", default="blocks.6.hook_resid_post")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+
+    model = load_model()
+    config = CaptureConfig(hooks=[args.hook], tokens=args.tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        capture_activations(CaptureConfig(hooks=[args.hook], tokens=2048,
+                                          shard_rows=16), Path(tmp) / "warm", model=model)
+        saekit_tps = tokens_per_second(
+            lambda: capture_activations(config, Path(tmp) / "acts", model=model), args.tokens)
+        rows = ActivationCache.open(Path(tmp) / "acts").tokens()
+    n_blocks = hook_layer(args.hook) + 1
+    bare_tps = tokens_per_second(
+        lambda: bare_truncated_forward(model.original_model, rows, n_blocks, config.batch_rows),
+        rows.numel())
+    full_rows = rows[: max(1, args.full_tokens // config.context)]
+    full_tps = tokens_per_second(lambda: full_run_with_cache(model, full_rows, config.batch_rows),
+                                 full_rows.numel())
+    figures = {
+        "threads": torch.get_num_threads(),
+        "tokens_timed": args.tokens,
+        "saekit_capture_tokens_per_s": round(saekit_tps),
+        "bare_truncated_forward_tokens_per_s": round(bare_tps),
+        "full_run_with_cache_tokens_per_s": round(full_tps),
+        "ratio_vs_bare_truncated": round(saekit_tps / bare_tps, 3),
+        "ratio_vs_full_run_with_cache": round(saekit_tps / full_tps, 2),
+    }
+    for name, value in figures.items():
+        print(f"{name:40s} {value}")
+    if args.rss_tokens:
+        with tempfile.TemporaryDirectory() as tmp:
+            rss = peak_rss_of_capture(args.rss_tokens, args.hook, Path(tmp) / "rss")
+        figures[f"peak_rss_gib_capturing_{args.rss_tokens}_tokens"] = round(rss, 2)
+        print(f"{'peak RSS (GiB), ' + str(args.rss_tokens) + ' tokens':40s} {rss:.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""The on-disk activation cache: manifest, shards, and a streaming reader for training.
+
+A cache folder holds::
+
+    manifest.json              settings, d_model, dtype, and one entry per complete shard
+    tokens.safetensors         "tokens": [n_rows, context] int32, the text behind every row
+    shard_00000.safetensors    one tensor per hook: [shard_rows, context, d_model]
+
+A shard counts as complete only once it is listed in the manifest with its size and
+sha256; both are written atomically, the shard first.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from saekit.errors import CacheMismatchError, CorruptCacheError
+from saekit.files import sha256_file
+
+MANIFEST = "manifest.json"
+TOKENS_FILE = "tokens.safetensors"
+CACHE_FORMAT = "saekit-activations/1"
+
+
+def shard_name(index: int) -> str:
+    return f"shard_{index:05d}.safetensors"
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of the cache in ``folder``."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise CorruptCacheError(
+            f"{folder} is not an activation cache (no {MANIFEST}). Make one with `saekit cache`."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptCacheError(f"{path} is not valid JSON ({err}).") from err
+    if manifest.get("format") != CACHE_FORMAT:
+        raise CorruptCacheError(f"{path} is not a {CACHE_FORMAT} manifest.")
+    return manifest
+
+
+def check_shard(folder: Path, entry: dict, verify_checksum: bool) -> None:
+    """Raise ``CorruptCacheError`` if a listed shard is missing, truncated or altered."""
+    path = folder / entry["file"]
+    fix = "Run the same `saekit cache` command again to recapture it."
+    if not path.exists():
+        raise CorruptCacheError(f"Shard {path} is listed in the manifest but missing. {fix}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise CorruptCacheError(
+            f"Shard {path} has {size} bytes but the manifest says {entry['bytes']}: it is "
+            f"truncated or altered. {fix}"
+        )
+    if verify_checksum and sha256_file(path) != entry["sha256"]:
+        raise CorruptCacheError(f"Shard {path} does not match its sha256 in the manifest. {fix}")
+
+
+@dataclass
+class ActivationCache:
+    """An opened activation cache. Shapes: tokens ``[n_rows, context]``, shard ``[rows, context, d_model]``."""
+
+    folder: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, folder: str | Path, require_complete: bool = True) -> "ActivationCache":
+        """Open a cache, checking that every listed shard is there at its listed size."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        if require_complete and not manifest.get("complete"):
+            done = sum(e["rows"][1] - e["rows"][0] for e in manifest["shards"])
+            raise CorruptCacheError(
+                f"The cache in {folder} is incomplete ({done} of {manifest['n_rows']} rows). "
+                "Run the same `saekit cache` command again to finish it."
+            )
+        for entry in manifest["shards"]:
+            check_shard(folder, entry, verify_checksum=False)
+        return cls(folder, manifest)
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    @property
+    def context(self) -> int:
+        return int(self.manifest["context"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.manifest["shards"])
+
+    def tokens(self) -> torch.Tensor:
+        """Token ids of every row, ``[n_rows, context]`` int64."""
+        path = self.folder / TOKENS_FILE
+        if not path.exists() or sha256_file(path) != self.manifest["tokens_sha256"]:
+            raise CorruptCacheError(
+                f"{path} is missing or does not match its sha256 in the manifest."
+            )
+        return load_file(path)["tokens"].long()
+
+    def shard_rows(self, index: int) -> tuple[int, int]:
+        start, end = self.manifest["shards"][index]["rows"]
+        return start, end
+
+    def check_hook(self, hook: str | None) -> str:
+        if hook is None:
+            if len(self.hooks) != 1:
+                raise CacheMismatchError(
+                    f"The cache holds several hooks {self.hooks}; say which one to read."
+                )
+            return self.hooks[0]
+        if hook not in self.hooks:
+            raise CacheMismatchError(f"The cache holds hooks {self.hooks}, not {hook!r}.")
+        return hook
+
+    def load_shard(self, index: int, hook: str | None = None,
+                   verify_checksum: bool = True) -> torch.Tensor:
+        """Activations of one shard at ``hook``: ``[rows, context, d_model]`` in the stored dtype."""
+        hook = self.check_hook(hook)
+        entry = self.manifest["shards"][index]
+        check_shard(self.folder, entry, verify_checksum)
+        path = self.folder / entry["file"]
+        try:
+            with safe_open(path, framework="pt") as shard:
+                return shard.get_tensor(hook)
+        except Exception as err:  # safetensors raises several kinds for a damaged file
+            raise CorruptCacheError(f"Shard {path} could not be read ({err}).") from err
+
+
+@dataclass
+class ActivationStream:
+    """Shuffled batches of single-token activations ``[batch, d_model]`` from a cache.
+
+    Each epoch visits the shards in a seeded random order, a group of shards at a time
+    (as many as fit ``buffer_tokens``); a group's tokens are shuffled together and cut
+    into batches, its remainder (< one batch) dropped. Memory stays at one group
+    whatever the cache size. Batches are a pure function of (seed, batch index), so a
+    run can restart at any batch (``start_batch``) and see what it would have seen.
+    Positions holding BOS are skipped unless ``keep_bos``.
+    """
+
+    cache: ActivationCache
+    batch_size: int
+    hook: str | None = None
+    seed: int = 0
+    buffer_tokens: int = 1 << 18
+    keep_bos: bool = False
+    verify_checksums: bool = True
+    dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        self.hook = self.cache.check_hook(self.hook)
+        tokens = self.cache.tokens()
+        bos = self.cache.manifest["bos_token_id"]
+        self._masks = []
+        for index in range(self.cache.n_shards):
+            start, end = self.cache.shard_rows(index)
+            rows = tokens[start:end].flatten()
+            self._masks.append(torch.ones_like(rows, dtype=torch.bool) if self.keep_bos
+                               else rows != bos)
+        self._counts = [int(m.sum()) for m in self._masks]
+        per_shard = max(1, max(self._counts, default=1))
+        self.shards_per_group = max(1, self.buffer_tokens // per_shard)
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        return sum(self._counts)
+
+    def _epoch_groups(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(self.cache.n_shards, generator=generator).tolist()
+        size = self.shards_per_group
+        return [order[i:i + size] for i in range(0, len(order), size)]
+
+    def _group_batches(self, group: list[int]) -> int:
+        return sum(self._counts[i] for i in group) // self.batch_size
+
+    def batches_per_epoch(self) -> int:
+        return sum(self._group_batches(g) for g in self._epoch_groups(0))
+
+    def _load_group(self, group: list[int], epoch: int, group_index: int) -> torch.Tensor:
+        parts = [
+            self.cache.load_shard(i, self.hook, self.verify_checksums)
+            .reshape(-1, self.cache.d_model)[self._masks[i]]
+            for i in group
+        ]
+        acts = torch.cat(parts).to(self.dtype)
+        generator = torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + epoch) * 100_003 + group_index)
+        return acts[torch.randperm(len(acts), generator=generator)]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self.batches()
+
+    def batches(self, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """Yield batches forever (epoch after epoch), starting at batch ``start_batch``."""
+        if self.batches_per_epoch() == 0:
+            raise CorruptCacheError(
+                f"The cache in {self.cache.folder} has {self.tokens_per_epoch} usable tokens, "
+                f"fewer than one batch of {self.batch_size}."
+            )
+        per_epoch = self.batches_per_epoch()
+        epoch, skip = divmod(start_batch, per_epoch)
+        while True:
+            for group_index, group in enumerate(self._epoch_groups(epoch)):
+                n_batches = self._group_batches(group)
+                if skip >= n_batches:
+                    skip -= n_batches
+                    continue
+                acts = self._load_group(group, epoch, group_index)
+                for b in range(skip, n_batches):
+                    yield acts[b * self.batch_size:(b + 1) * self.batch_size]
+                skip = 0
+            epoch += 1
+

@@ -1,0 +1,221 @@
+"""Capture: run a model over a corpus with hooks and write the activations to a cache.
+
+One pass records every requested hook; the forward pass stops after the deepest
+hooked block, so the unembedding is never computed. Shards are written atomically
+and listed in the manifest only once complete, so a capture killed at any moment
+resumes, when the same command runs again, from the last complete shard.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from saekit import __version__
+from saekit.cache import CACHE_FORMAT, MANIFEST, TOKENS_FILE, check_shard, read_manifest, \
+    shard_name
+from saekit.corpus import DEFAULT_CORPUS, load_corpus, pack_token_rows
+from saekit.errors import CacheMismatchError, CorruptCacheError, HookNameError
+from saekit.files import TMP_MARK, sha256_file, write_json, write_safetensors
+from saekit.model import DEFAULT_MODEL, load_model
+
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CaptureConfig:
+    """What to capture. The CLI's ``saekit cache`` flags are these fields."""
+
+    model: str = DEFAULT_MODEL
+    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"],
+                             metadata={"flag": "hook"})
+    dataset: str = DEFAULT_CORPUS
+    tokens: int = 1_000_000
+    context: int = 128
+    batch_rows: int = 16
+    shard_rows: int = 512
+    dtype: str = "float32"
+    seed: int = 0
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype!r}")
+        if self.context < 2 or self.tokens < self.context:
+            raise ValueError(f"Need context >= 2 and tokens >= context; got context "
+                             f"{self.context}, tokens {self.tokens}.")
+        if not self.hooks:
+            raise ValueError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
+        self.shard_rows = max(self.batch_rows,
+                              self.shard_rows // self.batch_rows * self.batch_rows)
+
+    @property
+    def n_rows(self) -> int:
+        return self.tokens // self.context
+
+
+def hook_layer(name: str) -> int | None:
+    """The block index a hook lives in; -1 before the blocks, None after them."""
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1))
+    return -1 if name.startswith(("embed", "hook_embed", "pos_embed", "hook_pos_embed",
+                                  "rotary_emb")) else None
+
+
+def check_hooks(model, hooks: list[str]) -> int | None:
+    """Raise ``HookNameError`` for unknown hooks; return ``stop_at_layer`` for the deepest."""
+    n_layers = model.cfg.n_layers
+    for name in hooks:
+        layer = hook_layer(name)
+        if layer is not None and layer >= n_layers:
+            raise HookNameError(
+                f"Hook {name!r} is in layer {layer}, but the model has {n_layers} layers "
+                f"(0 to {n_layers - 1})."
+            )
+        if name not in model.hook_dict:
+            near = difflib.get_close_matches(name, list(model.hook_dict), n=5, cutoff=0.6)
+            raise HookNameError(
+                f"The model has no hook {name!r}. Nearest valid names: {', '.join(near) or '-'}. "
+                "List them all with `saekit hooks`."
+            )
+    layers = [hook_layer(name) for name in hooks]
+    return None if None in layers else max(layers) + 1
+
+
+def capture_settings(config: CaptureConfig) -> dict:
+    return asdict(config)
+
+
+def prepare_out_folder(out: Path, settings: dict) -> dict | None:
+    """Check ``out`` for a resumable cache; return its manifest (None if starting afresh)."""
+    if not out.exists():
+        return None
+    if not (out / MANIFEST).exists():
+        ours = re.compile(rf"^(shard_\d+\.safetensors|{TOKENS_FILE})({re.escape(TMP_MARK)}.*)?$")
+        foreign = [p.name for p in out.iterdir() if not ours.match(p.name)]
+        if foreign:
+            raise CacheMismatchError(
+                f"--out {out} already holds files that are not an activation cache "
+                f"({', '.join(sorted(foreign)[:5])}). Pass an empty or new folder."
+            )
+        return None
+    manifest = read_manifest(out)
+    if manifest["settings"] != settings:
+        differ = {k: (manifest["settings"].get(k), v) for k, v in settings.items()
+                  if manifest["settings"].get(k) != v}
+        listed = "; ".join(f"{k}: cache has {old!r}, asked {new!r}" for k, (old, new)
+                           in differ.items())
+        raise CacheMismatchError(
+            f"--out {out} holds a cache made with other settings ({listed}). Use another "
+            "--out, or delete that folder to capture afresh."
+        )
+    tokens_file = out / TOKENS_FILE
+    if not tokens_file.exists() or sha256_file(tokens_file) != manifest["tokens_sha256"]:
+        raise CorruptCacheError(
+            f"{tokens_file} is missing or does not match its manifest checksum. Delete {out} "
+            "to capture afresh."
+        )
+    for leftover in out.glob(f"*{TMP_MARK}*"):
+        leftover.unlink()
+    kept = []
+    for entry in manifest["shards"]:
+        try:
+            check_shard(out, entry, verify_checksum=True)
+        except CorruptCacheError as err:
+            tqdm.write(f"saekit: {err} Recapturing from there.")
+            break
+        kept.append(entry)
+    manifest["complete"] = manifest["complete"] and len(kept) == len(manifest["shards"])
+    manifest["shards"] = kept
+    return manifest
+
+
+def new_manifest(config: CaptureConfig, model, tokens: torch.Tensor, out: Path) -> dict:
+    write_safetensors(out / TOKENS_FILE, {"tokens": tokens.to(torch.int32)})
+    return {
+        "format": CACHE_FORMAT,
+        "saekit_version": __version__,
+        "settings": capture_settings(config),
+        "model": config.model,
+        "hooks": list(config.hooks),
+        "d_model": int(model.cfg.d_model),
+        "n_layers": int(model.cfg.n_layers),
+        "dtype": config.dtype,
+        "context": config.context,
+        "n_rows": int(tokens.shape[0]),
+        "n_tokens": int(tokens.numel()),
+        "shard_rows": config.shard_rows,
+        "bos_token_id": int(model.tokenizer.bos_token_id),
+        "tokens_file": TOKENS_FILE,
+        "tokens_sha256": sha256_file(out / TOKENS_FILE),
+        "shards": [],
+        "complete": False,
+    }
+
+
+@torch.inference_mode()
+def capture_shard(model, rows: torch.Tensor, hooks: list[str], stop_at_layer: int | None,
+                  batch_rows: int, dtype: torch.dtype, progress: tqdm) -> dict[str, torch.Tensor]:
+    """Activations of ``rows`` ``[n, context]`` at each hook: ``{hook: [n, context, d_model]}``."""
+    n, context = rows.shape
+    out = {h: torch.empty(n, context, model.cfg.d_model, dtype=dtype) for h in hooks}
+    device = next(model.parameters()).device
+    for start in range(0, n, batch_rows):
+        batch = rows[start:start + batch_rows].to(device)
+
+        def record(act: torch.Tensor, hook, name: str = "", begin: int = start) -> torch.Tensor:
+            out[name][begin:begin + len(act)].copy_(act)
+            return act
+
+        fwd_hooks = [(h, lambda act, hook, h=h: record(act, hook, h)) for h in hooks]
+        model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
+        progress.update(batch.numel())
+    return out
+
+
+def capture_activations(config: CaptureConfig, out: str | Path, model=None,
+                        device: str | torch.device | None = None) -> Path:
+    """Capture ``config.hooks`` over ``config.dataset`` into the cache folder ``out``.
+
+    Resumes a cache with the same settings; raises ``CacheMismatchError`` for one
+    made with other settings. Pass ``model`` to reuse a loaded ``TransformerBridge``.
+    """
+    out = Path(out)
+    settings = capture_settings(config)
+    manifest = prepare_out_folder(out, settings)
+    if manifest is not None and manifest["complete"]:
+        return out
+    model = model if model is not None else load_model(config.model, device=device)
+    stop_at_layer = check_hooks(model, config.hooks)
+    if manifest is None:
+        documents = load_corpus(config.dataset, seed=config.seed, text_field=config.text_field)
+        tokens = pack_token_rows(documents, model.tokenizer, config.n_rows, config.context)
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = new_manifest(config, model, tokens, out)
+        write_json(out / MANIFEST, manifest)
+    else:
+        tokens = load_file(out / TOKENS_FILE)["tokens"].long()
+    done = manifest["shards"][-1]["rows"][1] if manifest["shards"] else 0
+    n_rows = manifest["n_rows"]
+    progress = tqdm(total=n_rows * config.context, initial=done * config.context, unit="tok",
+                    unit_scale=True, desc=f"capture {', '.join(config.hooks)}")
+    for start in range(done, n_rows, config.shard_rows):
+        end = min(start + config.shard_rows, n_rows)
+        acts = capture_shard(model, tokens[start:end], config.hooks, stop_at_layer,
+                             config.batch_rows, STORAGE_DTYPES[config.dtype], progress)
+        index = len(manifest["shards"])
+        path = out / shard_name(index)
+        write_safetensors(path, acts)
+        manifest["shards"].append({"file": path.name, "rows": [start, end],
+                                   "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        manifest["complete"] = end == n_rows
+        write_json(out / MANIFEST, manifest)
+    progress.close()
+    return out

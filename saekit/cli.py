@@ -1,0 +1,109 @@
+"""The ``saekit`` command line. Each sub-command's flags come from its config dataclass."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from saekit.errors import SaekitError
+
+DEMO_DIR = Path("runs/demo")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
+    """Add one ``--flag`` per dataclass field (list fields repeat: ``--hook A --hook B``)."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+            else f.default
+        kind = hints[f.name]
+        if typing.get_origin(kind) is list:
+            (item,) = typing.get_args(kind)
+            parser.add_argument(flag, dest=f.name, action="append", type=item, default=None,
+                                help=f"repeatable (default: {' '.join(map(str, default))})")
+        elif kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default)
+        else:
+            optional = [a for a in typing.get_args(kind) if a is not type(None)]
+            parser.add_argument(flag, dest=f.name, type=optional[0] if optional else kind,
+                                default=default, help=f"(default: {default})")
+
+
+def config_from_args(config_class: type, args: argparse.Namespace):
+    """Build the dataclass from parsed flags, leaving unset list flags at their defaults."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
+              if getattr(args, f.name) is not None}
+    return config_class(**values)
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from saekit.capture import CaptureConfig, capture_activations
+    from saekit.cache import ActivationCache
+
+    config = config_from_args(CaptureConfig, args)
+    out = capture_activations(config, args.out, device=args.device)
+    cache = ActivationCache.open(out)
+    size = sum(e["bytes"] for e in cache.manifest["shards"])
+    print(f"wrote {cache.manifest['n_tokens']:,} tokens x {len(cache.hooks)} hook(s) "
+          f"({', '.join(cache.hooks)}), d_model {cache.d_model}, {cache.n_shards} shards, "
+          f"{size / 2**30:.2f} GiB to {out}")
+
+
+def run_hooks(args: argparse.Namespace) -> None:
+    from saekit.model import load_model
+
+    model = load_model(args.model, device=args.device)
+    names = [n for n in model.hook_dict if args.grep in n]
+    print("\n".join(names))
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from saekit.capture import CaptureConfig
+
+    args.out = str(DEMO_DIR / "activations")
+    config = CaptureConfig(tokens=args.tokens)
+    print(f"saekit demo: capturing {config.tokens:,} tokens of the default corpus at "
+          f"{', '.join(config.hooks)} of {config.model} into {args.out} (reused if present)")
+    for field in dataclasses.fields(CaptureConfig):
+        setattr(args, field.name, getattr(config, field.name))
+    run_cache(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from saekit.capture import CaptureConfig
+
+    parser = argparse.ArgumentParser(prog="saekit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cache = sub.add_parser("cache", help="capture activations of a model over a corpus")
+    add_config_arguments(cache, CaptureConfig)
+    cache.add_argument("--out", required=True, help="cache folder (resumed if it exists)")
+    cache.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    cache.set_defaults(run=run_cache)
+
+    hooks = sub.add_parser("hooks", help="list a model's hook names")
+    hooks.add_argument("--model", default="gemma-3-270m")
+    hooks.add_argument("--grep", default="", help="only names containing this")
+    hooks.add_argument("--device", default=None)
+    hooks.set_defaults(run=run_hooks)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded default")
+    demo.add_argument("--tokens", type=int, default=500_000)
+    demo.add_argument("--device", default=None)
+    demo.set_defaults(run=run_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (SaekitError, ValueError) as err:
+        print(f"saekit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,36 @@
+"""Errors saekit raises for bad input. Each message says what was wrong and what to do."""
+
+
+class SaekitError(Exception):
+    """Base class of every error saekit raises on purpose."""
+
+
+class ModelLoadError(SaekitError):
+    """The model could not be found or loaded."""
+
+
+class HookNameError(SaekitError, KeyError):
+    """A hook name that the model does not have, or a layer beyond the model."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class CorpusError(SaekitError):
+    """The corpus is empty, missing, or its data package is not installed."""
+
+
+class CacheMismatchError(SaekitError):
+    """An output folder holds a cache made with other settings."""
+
+
+class CorruptCacheError(SaekitError):
+    """A cache shard is missing, truncated or does not match the manifest."""
+
+
+class SAEConfigError(SaekitError, ValueError):
+    """An SAE configuration (or a saved SAE's cfg.json) with values saekit cannot use."""
+
+
+class SAEInputError(SaekitError, ValueError):
+    """Activations given to an SAE have the wrong shape."""

