@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from saekit.errors import CacheMismatchError, CorruptCacheError
+from saekit.errors import CacheMismatchError, CorruptCacheError, NonFiniteActivationsError
 from saekit.files import sha256_file
 
 MANIFEST = "manifest.json"
@@ -161,28 +161,34 @@ class ActivationStream:
     keep_bos: bool = False
     verify_checksums: bool = True
     dtype: torch.dtype = torch.float32
+    shards: list[int] | None = None  # a subset of the cache's shards (e.g. a held-out split)
 
     def __post_init__(self) -> None:
         self.hook = self.cache.check_hook(self.hook)
+        if self.shards is None:
+            self.shards = list(range(self.cache.n_shards))
+        if not self.shards:
+            raise CorruptCacheError(f"No shards to read from {self.cache.folder}.")
         tokens = self.cache.tokens()
         bos = self.cache.manifest["bos_token_id"]
-        self._masks = []
-        for index in range(self.cache.n_shards):
+        self._masks = {}
+        for index in self.shards:
             start, end = self.cache.shard_rows(index)
             rows = tokens[start:end].flatten()
-            self._masks.append(torch.ones_like(rows, dtype=torch.bool) if self.keep_bos
-                               else rows != bos)
-        self._counts = [int(m.sum()) for m in self._masks]
-        per_shard = max(1, max(self._counts, default=1))
+            self._masks[index] = torch.ones_like(rows, dtype=torch.bool) if self.keep_bos \
+                else rows != bos
+        self._counts = {i: int(m.sum()) for i, m in self._masks.items()}
+        per_shard = max(1, max(self._counts.values(), default=1))
         self.shards_per_group = max(1, self.buffer_tokens // per_shard)
 
     @property
     def tokens_per_epoch(self) -> int:
-        return sum(self._counts)
+        return sum(self._counts.values())
 
     def _epoch_groups(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        order = torch.randperm(self.cache.n_shards, generator=generator).tolist()
+        order = [self.shards[i] for i in
+                 torch.randperm(len(self.shards), generator=generator).tolist()]
         size = self.shards_per_group
         return [order[i:i + size] for i in range(0, len(order), size)]
 
@@ -192,13 +198,27 @@ class ActivationStream:
     def batches_per_epoch(self) -> int:
         return sum(self._group_batches(g) for g in self._epoch_groups(0))
 
+    def load_tokens(self, index: int) -> torch.Tensor:
+        """Non-BOS activations of one shard, ``[tokens, d_model]``, checked to be finite."""
+        acts = self.cache.load_shard(index, self.hook, self.verify_checksums)
+        acts = acts.reshape(-1, self.cache.d_model)[self._masks[index]].to(self.dtype)
+        finite = torch.isfinite(acts).all(dim=-1)
+        if not finite.all():
+            position = int((~finite).nonzero()[0])
+            raise NonFiniteActivationsError(
+                f"Shard {self.cache.folder / self.cache.manifest['shards'][index]['file']} holds "
+                f"NaN or inf activations ({int((~finite).sum())} tokens, the first at usable "
+                f"token {position}). Recapture it, e.g. with --dtype float32 if it was float16."
+            )
+        return acts
+
+    def in_order(self) -> Iterator[torch.Tensor]:
+        """Each shard's non-BOS tokens once, in shard order, unshuffled (for evaluation)."""
+        for index in self.shards:
+            yield self.load_tokens(index)
+
     def _load_group(self, group: list[int], epoch: int, group_index: int) -> torch.Tensor:
-        parts = [
-            self.cache.load_shard(i, self.hook, self.verify_checksums)
-            .reshape(-1, self.cache.d_model)[self._masks[i]]
-            for i in group
-        ]
-        acts = torch.cat(parts).to(self.dtype)
+        acts = torch.cat([self.load_tokens(i) for i in group])
         generator = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + epoch) * 100_003 + group_index)
         return acts[torch.randperm(len(acts), generator=generator)]

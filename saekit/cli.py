@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -11,6 +12,22 @@ from pathlib import Path
 from saekit.errors import SaekitError
 
 DEMO_DIR = Path("runs/demo")
+
+
+class ExtendFromCommas(argparse.Action):
+    """``--k 16,32 --k 64`` → [16, 32, 64]."""
+
+    def __init__(self, *args, item_type: type = str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.item_type = item_type
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = getattr(namespace, self.dest) or []
+        try:
+            items += [self.item_type(v) for v in str(values).split(",") if v]
+        except ValueError:
+            parser.error(f"{option_string} takes {self.item_type.__name__} values, got {values!r}")
+        setattr(namespace, self.dest, items)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
@@ -23,8 +40,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
         kind = hints[f.name]
         if typing.get_origin(kind) is list:
             (item,) = typing.get_args(kind)
-            parser.add_argument(flag, dest=f.name, action="append", type=item, default=None,
-                                help=f"repeatable (default: {' '.join(map(str, default))})")
+            parser.add_argument(flag, dest=f.name, action=ExtendFromCommas, item_type=item,
+                                default=None, help="repeatable or comma-separated (default: "
+                                f"{','.join(map(str, default))})")
         elif kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=default)
@@ -54,6 +72,19 @@ def run_cache(args: argparse.Namespace) -> None:
           f"{size / 2**30:.2f} GiB to {out}")
 
 
+def run_train(args: argparse.Namespace) -> None:
+    from saekit.train import TrainConfig, train
+
+    config = config_from_args(TrainConfig, args)
+    if not config.activations or not config.out:
+        raise ValueError("saekit train needs --activations DIR (from `saekit cache`) and --out DIR.")
+    saved = train(config)
+    for name, folder in saved.items():
+        summary = json.loads((folder / "train_summary.json").read_text())["held_out"]
+        print(f"{name}: held-out FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead "
+              f"{100 * summary['dead_fraction_training']:.1f}% -> {folder}")
+
+
 def run_hooks(args: argparse.Namespace) -> None:
     from saekit.model import load_model
 
@@ -76,6 +107,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from saekit.capture import CaptureConfig
+    from saekit.train import TrainConfig
 
     parser = argparse.ArgumentParser(prog="saekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
     cache.set_defaults(run=run_cache)
 
+    train = sub.add_parser("train", help="train SAEs (a sweep) on cached activations")
+    add_config_arguments(train, TrainConfig)
+    train.set_defaults(run=run_train)
+
     hooks = sub.add_parser("hooks", help="list a model's hook names")
     hooks.add_argument("--model", default="gemma-3-270m")
     hooks.add_argument("--grep", default="", help="only names containing this")
@@ -93,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.set_defaults(run=run_hooks)
 
     demo = sub.add_parser("demo", help="the main job on the embedded default")
-    demo.add_argument("--tokens", type=int, default=500_000)
+    demo.add_argument("--tokens", type=int, default=600_000)
     demo.add_argument("--device", default=None)
     demo.set_defaults(run=run_demo)
     return parser

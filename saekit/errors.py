@@ -28,6 +28,14 @@ class CorruptCacheError(SaekitError):
     """A cache shard is missing, truncated or does not match the manifest."""
 
 
+class NonFiniteActivationsError(CorruptCacheError):
+    """Activations hold NaN or inf."""
+
+
+class TrainingError(SaekitError):
+    """Training cannot start or go on with these settings or this data."""
+
+
 class SAEConfigError(SaekitError, ValueError):
     """An SAE configuration (or a saved SAE's cfg.json) with values saekit cannot use."""
 

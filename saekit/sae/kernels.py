@@ -1,0 +1,165 @@
+"""Kernels shared by the SAE architectures, mostly the TopK-style SAEs' sparse ones.
+
+A batch's active latents are kept as row-sorted coordinates ``rows, cols`` with
+values ``vals`` (``nnz`` entries, row ``b``'s latents contiguous). The encoder
+matmul runs dense once, without autograd; ``gather_preacts`` then makes the
+selected pre-activations differentiable with a backward pass that touches only
+the ``nnz`` selected entries, and ``sparse_decode`` decodes through
+``embedding_bag``. Nothing here forms a dense ``[batch, d_sae]`` gradient.
+
+Batch statistics take a ``batch_sum`` so that, under data parallelism, they cover the
+global batch and summing gradients over ranks gives the global gradient.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Sums a tensor over the data-parallel ranks (gradient to the local part); identity on one.
+BatchSum = Callable[[Tensor], Tensor]
+
+
+@torch.no_grad()
+def encoder_preacts(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """Dense pre-activations ``(x - b_dec) @ W_enc + b_enc``, without autograd: [batch, d_sae]."""
+    return torch.addmm(b_enc, x if b_dec is None else x - b_dec, W_enc)
+
+
+class _SparseGather(torch.autograd.Function):
+    """``pre[rows, cols]`` whose gradient flows to ``x, b_dec, W_enc, b_enc`` sparsely."""
+
+    @staticmethod
+    def forward(ctx, pre, x, b_dec, W_enc, b_enc, rows, cols):
+        ctx.save_for_backward(x, b_dec, W_enc, rows, cols)
+        return pre[rows, cols]
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, b_dec, W_enc, rows, cols = ctx.saved_tensors
+        _, needs_x, needs_b_dec, needs_W_enc, needs_b_enc, _, _ = ctx.needs_input_grad
+        d_sae = W_enc.shape[1]
+        grad_b_enc = W_enc.new_zeros(d_sae).index_add_(0, cols, grad.to(W_enc.dtype))
+        grad_x = grad_b_dec = grad_W_enc = None
+        if needs_W_enc:
+            x_c = x if b_dec is None else x - b_dec
+            grad_W_enc = _transpose_spmm(rows, cols, grad, x_c, d_sae).t()
+        if needs_b_dec:
+            grad_b_dec = -(W_enc @ grad_b_enc)
+        if needs_x:
+            grad_x = _transpose_spmm(cols, rows, grad, W_enc.t(), x.shape[0]).to(x.dtype)
+        return None, grad_x, grad_b_dec, grad_W_enc, grad_b_enc if needs_b_enc else None, None, None
+
+
+def _transpose_spmm(rows: Tensor, cols: Tensor, vals: Tensor, dense: Tensor, n_cols: int) -> Tensor:
+    """``G^T @ dense`` [n_cols, d] for the sparse ``G[rows, cols] = vals`` [len(dense), n_cols]."""
+    # sparse matmuls are not implemented for every 16-bit dtype: compute those in float32
+    compute = dense.dtype if dense.dtype in (torch.float32, torch.float64) else torch.float32
+    order = torch.argsort(cols)
+    counts = torch.bincount(cols, minlength=n_cols)
+    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        G_t = torch.sparse_csr_tensor(crow, rows[order], vals[order].to(compute),
+                                      (n_cols, dense.shape[0]), check_invariants=False)
+    return (G_t @ dense.to(compute)).to(dense.dtype)
+
+
+def gather_preacts(pre: Tensor, x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
+                   rows: Tensor, cols: Tensor) -> Tensor:
+    """The pre-activations ``pre[rows, cols]`` [nnz], differentiable as if made from the weights.
+
+    ``pre`` must equal ``encoder_preacts(x, b_dec, W_enc, b_enc)``. The backward pass costs
+    O(nnz * d_in): grad ``W_enc = (x - b_dec)^T G`` as one sparse-dense matmul, grad ``b_enc``
+    by ``index_add``, grad ``b_dec = -W_enc @ grad b_enc``. ``rows, cols`` may be in any order.
+    """
+    return _SparseGather.apply(pre, x, b_dec, W_enc, b_enc, rows, cols)
+
+
+def row_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Coordinates ``(rows, cols)`` [batch * k] of each row's k largest entries, row-sorted."""
+    cols = pre.topk(k, dim=-1, sorted=False).indices
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    return rows, cols.flatten()
+
+
+def masked_row_topk(pre: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Like ``row_topk`` but only among the latents in ``allowed`` ([d_sae] bool); ``k`` capped."""
+    candidates = allowed.nonzero().squeeze(1)
+    k = min(k, candidates.numel())
+    if k == 0:
+        empty = torch.empty(0, dtype=torch.long, device=pre.device)
+        return empty, empty
+    rows, local = row_topk(pre.index_select(1, candidates), k)
+    return rows, candidates[local]
+
+
+def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Coordinates of the ``n`` largest positive entries of the whole batch, row-sorted."""
+    values, flat = pre.flatten().topk(min(n, pre.numel()), sorted=False)
+    flat = flat[values > 0].sort().values
+    return flat // pre.shape[1], flat % pre.shape[1]
+
+
+def sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
+    """``sum_j vals_j * W_dec[cols_j]`` per row, without the bias: [n_rows, d_in]. Rows sorted."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return F.embedding_bag(cols, W_dec, offsets, mode="sum",
+                           per_sample_weights=vals.to(W_dec.dtype), include_last_offset=True)
+
+
+def fired_latents(cols: Tensor, vals: Tensor, d_sae: int) -> Tensor:
+    """[d_sae] bool: which latents have a positive value among ``vals``."""
+    hits = torch.zeros(d_sae, dtype=vals.dtype, device=vals.device)
+    return hits.index_add_(0, cols, (vals > 0).to(vals.dtype)) > 0
+
+
+def jump_relu(pre: Tensor, threshold: Tensor) -> Tensor:
+    """``pre`` where it exceeds ``threshold`` (taken as >= 0), else 0: SAELens's JumpReLU rule."""
+    return torch.where(pre > threshold.clamp_min(0), pre, 0)
+
+
+@torch.no_grad()
+def geometric_median(points: Tensor, iterations: int = 100, tol: float = 1e-6) -> Tensor:
+    """Weiszfeld's estimate of the point [d] minimising the summed distance to ``points`` [n, d]."""
+    median = points.mean(0)
+    for _ in range(iterations):
+        weights = 1 / (points - median).norm(dim=1).clamp_min(1e-8)
+        update = weights @ points / weights.sum()
+        if (update - median).norm() <= tol * median.norm().clamp_min(1e-8):
+            return update
+        median = update
+    return median
+
+
+def warmup(coefficient: float, warmup_fraction: float, progress: float) -> float:
+    """``coefficient`` ramped linearly from 0 over the first ``warmup_fraction`` of training."""
+    if warmup_fraction <= 0:
+        return coefficient
+    return coefficient * min(1.0, max(0.0, progress) / warmup_fraction)
+
+
+def total_variance(x: Tensor, batch_sum: BatchSum) -> Tensor:
+    """``sum_b ||x_b - mean(x)||^2`` over the whole (multi-rank) batch ``x`` [batch, d], no grad."""
+    x64 = x.detach().double()
+    n = batch_sum(x64.new_tensor(float(x.shape[0])))
+    squares, total = batch_sum(x64.pow(2).sum()), batch_sum(x64.sum(0))
+    return (squares - total.pow(2).sum() / n).clamp_min(1e-12).to(x.dtype)
+
+
+def batch_mean(per_sample: Tensor, batch_sum: BatchSum) -> Tensor:
+    """Mean of ``per_sample`` [batch] over the whole (multi-rank) batch."""
+    count = per_sample.new_tensor(float(per_sample.numel()), dtype=torch.float64)
+    return batch_sum(per_sample.sum()) / batch_sum(count).to(per_sample.dtype)
+
+
+def reconstruction_losses(x: Tensor, x_hat: Tensor, batch_sum: BatchSum) -> dict[str, Tensor]:
+    """``mse`` = E_b ||x - x_hat||^2 and ``fvu`` = sum ||x - x_hat||^2 / ``total_variance(x)``."""
+    squared_error = (x - x_hat).pow(2).sum(-1)
+    fvu = batch_sum(squared_error.sum()) / total_variance(x, batch_sum)
+    return {"mse": batch_mean(squared_error, batch_sum), "fvu": fvu}

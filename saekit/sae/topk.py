@@ -1,0 +1,95 @@
+"""TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", arXiv 2406.04093).
+
+``acts = TopK(ReLU((x - b_dec) @ W_enc + b_enc))``: each sample keeps its k largest latents.
+Init: unit-norm decoder rows in random directions, ``W_enc = W_dec^T``; rows are kept at unit
+norm (parallel gradient removed, rows renormalised after each step). ``init_from_data`` puts
+b_dec at the geometric median, as the paper does for its pre-bias.
+
+Loss (the paper's section 2.4 and appendix A.2, normalised as in its reference train.py):
+``fvu + aux_coefficient * auxk`` with ``fvu = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2`` and
+``auxk = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2``, where ``e = x - x_hat`` (detached) and
+``e_hat = W_dec^T z_aux`` (no bias) is decoded from the ``aux_k`` largest ReLU'd pre-activations
+among dead latents (aux_k defaults to d_in // 2, alpha to 1/32; zero when none are dead).
+
+Training never forms a dense [batch, d_sae] gradient: see ``saekit.sae.kernels``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from saekit.errors import SAEConfigError
+from saekit.sae.base import SAE, SAEConfig, TrainStep
+from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_latents,
+                                gather_preacts, masked_row_topk, reconstruction_losses, row_topk,
+                                sparse_decode, total_variance)
+
+
+class TopKSAE(SAE):
+    """k active latents per sample, AuxK loss for dead latents, sparse training kernels."""
+
+    architecture = "topk"
+    saelens_architecture = "topk"
+    unit_norm_decoder = True
+    default_apply_b_dec_to_input = True
+    saelens_extra_fields = {"rescale_acts_by_decoder_norm": False}
+
+    def check_config(self, cfg: SAEConfig) -> None:
+        if cfg.k is None or not isinstance(cfg.k, int) or not 1 <= cfg.k < cfg.d_sae:
+            raise SAEConfigError(f"{cfg.architecture} needs an integer k with 1 <= k < d_sae = "
+                                 f"{cfg.d_sae}, got k = {cfg.k!r}.")
+        if cfg.aux_k is not None and not 1 <= cfg.aux_k <= cfg.d_sae:
+            raise SAEConfigError(f"aux_k must be between 1 and d_sae = {cfg.d_sae}, "
+                                 f"got {cfg.aux_k}.")
+
+    @property
+    def aux_k(self) -> int:
+        return self.cfg.aux_k or max(1, self.d_in // 2)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        pre = self._centred(x) @ self.W_enc + self.b_enc
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """Training-time active coordinates ``(rows, cols)``, row-sorted."""
+        return row_topk(pre, self.cfg.k)
+
+    def _observe(self, vals: Tensor, batch_sum: BatchSum) -> None:
+        """Hook on the active values [nnz] of each training batch."""
+
+    def _training_step(self, x: Tensor, dead_mask: Tensor | None, progress: float,
+                       batch_sum: BatchSum) -> TrainStep:
+        batch = x.shape[0]
+        b_dec_in = self._b_dec_in()
+        pre = encoder_preacts(x, b_dec_in, self.W_enc, self.b_enc)
+        rows, cols = self._select(pre)
+        aux_rows, aux_cols = self._aux_positions(pre, dead_mask)
+        vals = gather_preacts(pre, x, b_dec_in, self.W_enc, self.b_enc,
+                              torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])).relu()
+        vals, aux_vals = vals[:rows.numel()], vals[rows.numel():]
+        self._observe(vals.detach(), batch_sum)
+        x_hat = sparse_decode(self.W_dec, rows, cols, vals, batch) + self.b_dec
+        losses = reconstruction_losses(x, x_hat, batch_sum)
+        losses["auxk"] = self._auxk_loss((x - x_hat).detach(), aux_rows, aux_cols, aux_vals,
+                                         batch_sum)
+        active_per_sample = x.new_zeros(batch).index_add_(0, rows, (vals > 0).to(x.dtype))
+        losses["l0"] = batch_mean(active_per_sample, batch_sum)
+        losses["loss"] = losses["fvu"] + self.cfg.aux_coefficient * losses["auxk"]
+        return TrainStep(x_hat=x_hat, losses=losses, fired=fired_latents(cols, vals, self.d_sae),
+                         l0=losses["l0"].item())
+
+    def _aux_positions(self, pre: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        if dead_mask is None:
+            empty = torch.empty(0, dtype=torch.long, device=pre.device)
+            return empty, empty
+        return masked_row_topk(pre, dead_mask.to(pre.device), self.aux_k)
+
+    def _auxk_loss(self, error: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
+                   batch_sum: BatchSum) -> Tensor:
+        if rows.numel() == 0:  # no dead latents; the mask is global, so on no rank
+            return error.new_zeros(())
+        error_hat = sparse_decode(self.W_dec, rows, cols, vals, error.shape[0])
+        squared_error = batch_sum((error - error_hat).pow(2).sum())
+        return (squared_error / total_variance(error, batch_sum)).nan_to_num(0.0)

@@ -1,0 +1,358 @@
+"""Train SAEs on a cached activation stream: sweeps, exact resume, torchrun data parallelism.
+
+Every SAE of a sweep sees the same batches from one read of the cache. Each step a
+rank takes its slice of the global batch; batch-level sums inside the losses and the
+gradients are summed over ranks, so N processes compute what one process computes
+on the whole batch. Checkpoints (weights, Adam state, dead-latent counters, RNG,
+step = data position) are written atomically every ``checkpoint_every`` steps; the
+same command resumes from the last one and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from saekit.cache import ActivationCache, ActivationStream
+from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingError
+from saekit.evaluate import reconstruction_metrics
+from saekit.files import atomic_path, write_json
+from saekit.model import default_device
+from saekit.sae import ARCHITECTURES, SAE, SAEConfig, SAEMetadata
+
+CHECKPOINT = "checkpoint.pt"
+SWEEP_FIELDS = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient"}
+
+
+@dataclass
+class TrainConfig:
+    """One training run (possibly a sweep). The CLI's ``saekit train`` flags are these fields.
+
+    List fields are swept: every combination that applies to an architecture is trained
+    (``k`` for topk/batchtopk, ``l1_coefficient`` for relu, ``l0_coefficient`` for jumprelu).
+    """
+
+    activations: str = ""
+    out: str = ""
+    arch: list[str] = field(default_factory=lambda: ["topk"])
+    latents: list[int] = field(default_factory=lambda: [4096])
+    k: list[int] = field(default_factory=lambda: [32])
+    l1_coefficient: list[float] = field(default_factory=lambda: [5.0])
+    l0_coefficient: list[float] = field(default_factory=lambda: [1.0])
+    tokens: int = 500_000
+    batch_size: int = 1024
+    lr: float = 1e-3
+    lr_warmup_fraction: float = 0.05
+    lr_decay_fraction: float = 0.2  # linear decay to 0 over the last part of training
+    hook: str | None = None
+    normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
+    dead_tokens: int = 50_000  # a latent idle this many tokens counts as dead (AuxK, reports)
+    holdout_tokens: int = 65_536  # the cache's last shards, this many tokens, kept for evaluation
+    buffer_tokens: int = 1 << 18
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    device: str | None = None
+    wandb: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.arch) - set(ARCHITECTURES))
+        if unknown:
+            raise SAEConfigError(f"Unknown architecture(s) {unknown}; choose from "
+                                 f"{sorted(ARCHITECTURES)}.")
+        if self.batch_size < 1 or self.tokens < self.batch_size:
+            raise TrainingError(f"Need tokens >= batch_size >= 1; got tokens {self.tokens}, "
+                                f"batch_size {self.batch_size}.")
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def resume_key(self) -> dict:
+        """Settings that must match to resume a run (what you may change: device, logging)."""
+        skip = {"device", "wandb", "log_every", "checkpoint_every"}
+        return {k: v for k, v in asdict(self).items() if k not in skip}
+
+
+def sweep_configs(config: TrainConfig, d_in: int, metadata: SAEMetadata) -> dict[str, SAEConfig]:
+    """Name → SAEConfig for every SAE of the sweep."""
+    configs = {}
+    for arch, width in itertools.product(config.arch, config.latents):
+        if arch in ("topk", "batchtopk"):
+            options = [("k", k) for k in config.k]
+        else:
+            options = [(SWEEP_FIELDS[arch], v) for v in getattr(config, SWEEP_FIELDS[arch])]
+        for name, value in options:
+            label = f"{arch}_w{width}_{name.split('_')[0]}{value:g}"
+            configs[label] = SAEConfig(
+                architecture=arch, d_in=d_in, d_sae=width, **{name: value},
+                normalize_activations="expected_average_only_in" if config.normalize else "none",
+                dead_tokens_threshold=config.dead_tokens, seed=config.seed, metadata=metadata)
+    return configs
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then linear decay to zero."""
+    warmup = max(1, int(config.lr_warmup_fraction * config.steps))
+    decay = int(config.lr_decay_fraction * config.steps)
+    factor = min(1.0, (step + 1) / warmup)
+    if decay and step >= config.steps - decay:
+        factor = min(factor, (config.steps - step) / decay)
+    return config.lr * factor
+
+
+@dataclass
+class Distributed:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return cls(dist.get_rank(), world)
+
+    def batch_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of ``value`` over ranks (differentiable: gradients flow to the local part)."""
+        if self.world == 1:
+            return value
+        total = value.detach().clone()
+        dist.all_reduce(total)
+        return value + (total - value.detach())
+
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any_(self, mask: torch.Tensor) -> torch.Tensor:
+        return self.sum_(mask.to(torch.int32)) > 0 if self.world > 1 else mask
+
+
+@dataclass
+class Run:
+    """One SAE of the sweep and its training state."""
+
+    name: str
+    sae: SAE
+    optimizer: torch.optim.Adam
+    tokens_since_fired: torch.Tensor  # [d_sae] int64
+
+    def dead_mask(self, threshold: int) -> torch.Tensor:
+        return self.tokens_since_fired >= threshold
+
+    def state(self) -> dict:
+        return {"sae": self.sae.state_dict(), "cfg": asdict(self.sae.cfg),
+                "optimizer": self.optimizer.state_dict(),
+                "tokens_since_fired": self.tokens_since_fired}
+
+    def restore(self, state: dict) -> None:
+        self.sae.load_state_dict(state["sae"])
+        self.sae.cfg.activation_scale = state["cfg"]["activation_scale"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+
+
+def make_runs(configs: dict[str, SAEConfig], config: TrainConfig, device: torch.device) -> list[Run]:
+    runs = []
+    for name, sae_cfg in configs.items():
+        sae = ARCHITECTURES[sae_cfg.architecture](sae_cfg, device=device)
+        optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
+        runs.append(Run(name, sae, optimizer,
+                        torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)))
+    return runs
+
+
+def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
+    path = out / CHECKPOINT
+    if not path.exists():
+        return None
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    saved = checkpoint["config"]
+    if saved != config.resume_key():
+        differ = [f"{k}: checkpoint has {saved.get(k)!r}, asked {v!r}"
+                  for k, v in config.resume_key().items() if saved.get(k) != v]
+        raise TrainingError(
+            f"{path} was written by a run with other hyper-parameters ({'; '.join(differ)}). "
+            "Run with the same settings to resume it, or pass another --out."
+        )
+    return checkpoint
+
+
+def save_checkpoint(out: Path, config: TrainConfig, step: int, runs: list[Run]) -> None:
+    with atomic_path(out / CHECKPOINT) as tmp:
+        torch.save({"config": config.resume_key(), "step": step,
+                    "rng": torch.get_rng_state(), "runs": {r.name: r.state() for r in runs}}, tmp)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged lines past ``step`` (written after the checkpoint a resume starts from)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines()
+                 if line and json.loads(line)["step"] <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in lines))
+
+
+def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream, list[int]]:
+    cache = ActivationCache.open(config.activations)
+    holdout, held = 0, 0
+    while held < config.holdout_tokens and holdout < cache.n_shards - 1:
+        start, end = cache.shard_rows(cache.n_shards - 1 - holdout)
+        held += (end - start) * cache.context
+        holdout += 1
+    train_shards = list(range(cache.n_shards - holdout))
+    stream = ActivationStream(cache, config.batch_size, config.hook, config.seed,
+                              config.buffer_tokens, shards=train_shards)
+    if stream.tokens_per_epoch < config.batch_size:
+        raise TrainingError(f"The cache has {stream.tokens_per_epoch} training tokens, fewer than "
+                            f"one batch of {config.batch_size}.")
+    return cache, stream, list(range(cache.n_shards - holdout, cache.n_shards))
+
+
+def next_batch(batches: Iterator[torch.Tensor], step: int) -> torch.Tensor:
+    """The next batch, with the step named if its shard holds NaN or inf."""
+    try:
+        return next(batches)
+    except NonFiniteActivationsError as err:
+        raise NonFiniteActivationsError(f"At step {step}: {err}") from err
+
+
+def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
+               ranks: Distributed) -> dict[str, float]:
+    """One optimiser step of one SAE on this rank's slice ``batch`` [batch / world, d_in]."""
+    dead = run.dead_mask(config.dead_tokens)
+    result = run.sae.training_forward(batch, dead_mask=dead, progress=step / config.steps,
+                                      batch_sum=ranks.batch_sum)
+    run.optimizer.zero_grad(set_to_none=True)
+    result.losses["loss"].backward()
+    for parameter in run.sae.parameters():
+        if parameter.grad is not None:
+            ranks.sum_(parameter.grad)
+    run.sae.before_optimizer_step()
+    for group in run.optimizer.param_groups:
+        group["lr"] = learning_rate(config, step)
+    run.optimizer.step()
+    run.sae.after_optimizer_step()
+    fired = ranks.any_(result.fired)
+    run.tokens_since_fired += config.batch_size
+    run.tokens_since_fired[fired] = 0
+    logged = {k: float(v.detach()) for k, v in result.losses.items()}
+    logged["dead_fraction"] = float(run.dead_mask(config.dead_tokens).float().mean())
+    return logged
+
+
+def train(config: TrainConfig) -> dict[str, Path]:
+    """Train every SAE of ``config``; returns name → saved SAE folder (under ``config.out``)."""
+    device = default_device(config.device)
+    ranks = Distributed.from_environment(device)
+    if config.batch_size % ranks.world:
+        raise TrainingError(f"batch_size {config.batch_size} must divide evenly over "
+                            f"{ranks.world} processes.")
+    cache, stream, holdout = open_stream(config)
+    out = Path(config.out)
+    metadata = SAEMetadata(model_name=cache.manifest["model"], hook_name=stream.hook,
+                           context_size=cache.context, dataset_path=str(cache.folder))
+    runs = make_runs(sweep_configs(config, cache.d_model, metadata), config, device)
+    checkpoint = load_checkpoint(out, config)
+    if checkpoint:
+        start = checkpoint["step"]
+        torch.set_rng_state(checkpoint["rng"])
+        for run in runs:
+            run.restore(checkpoint["runs"][run.name])
+    else:
+        start = 0
+        torch.manual_seed(config.seed)
+        first = stream.batches()
+        sample = torch.cat([next_batch(first, 0) for _ in range(max(1, 16384 // config.batch_size))])
+        for run in runs:
+            run.sae.init_from_data(sample.to(device))
+    writer = MetricsWriter(out, runs, start, config) if ranks.rank == 0 else None
+    local = slice(ranks.rank * config.batch_size // ranks.world,
+                  (ranks.rank + 1) * config.batch_size // ranks.world)
+    progress = tqdm(total=config.steps * config.batch_size, initial=start * config.batch_size,
+                    unit="tok", unit_scale=True, desc=f"train {len(runs)} SAE(s)",
+                    disable=ranks.rank != 0)
+    batches = stream.batches(start_batch=start)
+    for step in range(start, config.steps):
+        batch = next_batch(batches, step)[local].to(device)
+        logs = {run.name: train_step(run, batch, config, step, ranks) for run in runs}
+        progress.update(config.batch_size)
+        if writer:
+            writer.log(step + 1, logs)
+        if ranks.rank == 0 and ((step + 1) % config.checkpoint_every == 0):
+            save_checkpoint(out, config, step + 1, runs)
+    progress.close()
+    saved = {}
+    if ranks.rank == 0:
+        save_checkpoint(out, config, config.steps, runs)
+        held_out = ActivationStream(cache, config.batch_size, stream.hook, shards=holdout)
+        for run in runs:
+            saved[run.name] = finish_run(run, out, held_out, config)
+        writer.close()
+    return saved
+
+
+def finish_run(run: Run, out: Path, held_out: ActivationStream, config: TrainConfig) -> Path:
+    """Fold the input scale into the weights, evaluate on held-out shards, save."""
+    sae = run.sae
+    sae.fold_activation_scale()
+    metrics = reconstruction_metrics(sae, held_out.in_order())
+    metrics["dead_fraction_training"] = float(run.dead_mask(config.dead_tokens).float().mean())
+    folder = sae.save(out / run.name, firing_frequency=metrics.pop("firing_frequency"))
+    write_json(folder / "train_summary.json", {"name": run.name, "steps": config.steps,
+                                              "tokens": config.steps * config.batch_size,
+                                              "held_out": metrics})
+    return folder
+
+
+class MetricsWriter:
+    """Appends one JSON line per SAE every ``log_every`` steps; wandb too if asked for."""
+
+    def __init__(self, out: Path, runs: list[Run], start: int, config: TrainConfig) -> None:
+        self.config, self.files, self.started = config, {}, (time.perf_counter(), start)
+        for run in runs:
+            path = out / run.name / "metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            truncate_metrics(path, start)
+            self.files[run.name] = open(path, "a")
+        self.wandb = None
+        if config.wandb:
+            try:
+                import wandb
+            except ImportError as err:
+                raise TrainingError("--wandb needs wandb: pip install wandb") from err
+            self.wandb = wandb.init(project="saekit", config=asdict(config))
+
+    def log(self, step: int, logs: dict[str, dict[str, float]]) -> None:
+        if step % self.config.log_every and step != self.config.steps:
+            return
+        elapsed = time.perf_counter() - self.started[0]
+        rate = (step - self.started[1]) * self.config.batch_size / max(elapsed, 1e-9)
+        for name, values in logs.items():
+            line = {"step": step, "tokens": step * self.config.batch_size,
+                    "lr": learning_rate(self.config, step - 1), **values, "tokens_per_s": rate}
+            self.files[name].write(json.dumps(line) + "\n")
+            self.files[name].flush()
+            if self.wandb:
+                self.wandb.log({f"{name}/{k}": v for k, v in line.items()}, step=step)
+
+    def close(self) -> None:
+        for handle in self.files.values():
+            handle.close()
+        if self.wandb:
+            self.wandb.finish()

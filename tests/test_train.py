@@ -1,0 +1,156 @@
+"""The trainer on real cached activations: sweeps, exact resume after SIGKILL, torchrun, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from saekit import CaptureConfig, capture_activations
+from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingError
+from saekit.files import sha256_file
+from saekit.sae import load_sae
+from saekit.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def train_cache(model, tmp_path_factory):
+    """160 rows x 64 tokens of layer-3 activations in 5 shards."""
+    out = tmp_path_factory.mktemp("train") / "acts"
+    config = CaptureConfig(hooks=["blocks.3.hook_resid_post"], tokens=160 * 64, context=64,
+                           batch_rows=8, shard_rows=32)
+    return capture_activations(config, out, model=model)
+
+
+def _train_args(cache: Path, out: Path, tokens: int, **extra: str) -> list[str]:
+    args = ["train", "--activations", str(cache), "--out", str(out), "--arch", "topk",
+            "--latents", "512", "--k", "16", "--tokens", str(tokens), "--batch-size", "64",
+            "--checkpoint-every", "25", "--log-every", "5", "--holdout-tokens", "2048"]
+    for flag, value in extra.items():
+        args += [f"--{flag.replace('_', '-')}", value]
+    return args
+
+
+def test_sweep_trains_and_saves_every_sae(train_cache, tmp_path):
+    config = TrainConfig(activations=str(train_cache), out=str(tmp_path / "sweep"),
+                         arch=["topk", "relu"], latents=[256], k=[8, 16], l1_coefficient=[2.0],
+                         tokens=64 * 60, batch_size=64, log_every=10, holdout_tokens=2048)
+    saved = train(config)
+    assert sorted(saved) == ["relu_w256_l12", "topk_w256_k16", "topk_w256_k8"]
+    for name, folder in saved.items():
+        sae = load_sae(folder)
+        summary = json.loads((folder / "train_summary.json").read_text())["held_out"]
+        assert sae.cfg.normalize_activations == "none"  # the scale is folded in
+        assert 0 < summary["fvu"] < 0.9, (name, summary)
+        assert 1500 < summary["tokens"] < 2048  # one 32-row shard held out, BOS dropped
+        lines = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert [l["step"] for l in lines] == [10, 20, 30, 40, 50, 60]
+        assert {"loss", "fvu", "l0", "dead_fraction", "lr", "tokens_per_s"} <= set(lines[-1])
+        assert (folder / "sparsity.safetensors").exists()
+    k8 = json.loads((saved["topk_w256_k8"] / "train_summary.json").read_text())["held_out"]
+    assert k8["l0"] == pytest.approx(8, abs=0.5)
+
+
+def test_killed_training_resumes_to_identical_weights(train_cache, tmp_path):
+    killed = tmp_path / "killed"
+    tokens = 64 * 3000
+    command = [sys.executable, "-m", "saekit", *_train_args(train_cache, killed, tokens)]
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 0 < step < 3000, "training was not killed mid-run"
+    assert not (killed / "topk_w512_k16" / "sae_weights.safetensors").exists()
+
+    subprocess.run(command, env=ENV, check=True, capture_output=True)
+    clean = tmp_path / "clean"
+    subprocess.run([sys.executable, "-m", "saekit", *_train_args(train_cache, clean, tokens)],
+                   env=ENV, check=True, capture_output=True)
+    name = "topk_w512_k16"
+    resumed, uninterrupted = (load_file(d / name / "sae_weights.safetensors")
+                              for d in (killed, clean))
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    steps = [json.loads(l)["step"] for l in (killed / name / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, 3001, 5))  # no step logged twice after the resume
+
+
+def test_torchrun_two_processes_match_one(train_cache, tmp_path):
+    tokens = str(64 * 40)
+    single, double = tmp_path / "single", tmp_path / "double"
+    subprocess.run([sys.executable, "-m", "saekit", *_train_args(train_cache, single, tokens)],
+                   env=ENV, check=True, capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port=29517", "-m", "saekit"]
+    result = subprocess.run([*torchrun, *_train_args(train_cache, double, tokens)], env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = (load_file(d / "topk_w512_k16" / "sae_weights.safetensors") for d in (single, double))
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(a["W_enc"], load_sae(single / "topk_w512_k16").W_enc * 0)
+
+
+def test_resume_with_other_hyper_parameters(train_cache, tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(activations=str(train_cache), out=str(out), latents=[256], k=[8],
+                      tokens=64 * 10, batch_size=64, checkpoint_every=5,
+                      holdout_tokens=2048))
+    with pytest.raises(TrainingError, match="k: checkpoint has \\[8\\], asked \\[16\\]"):
+        train(TrainConfig(activations=str(train_cache), out=str(out), latents=[256], k=[16],
+                          tokens=64 * 10, batch_size=64, holdout_tokens=2048))
+
+
+def test_k_not_below_latents():
+    with pytest.raises(SAEConfigError, match="k"):
+        from saekit.train import sweep_configs
+        from saekit.sae import ARCHITECTURES, SAEMetadata
+        config = TrainConfig(latents=[64], k=[64])
+        for cfg in sweep_configs(config, 640, SAEMetadata()).values():
+            ARCHITECTURES[cfg.architecture](cfg)
+
+
+def test_nan_in_activations_names_step_and_shard(train_cache, tmp_path):
+    cache = tmp_path / "acts"
+    shutil.copytree(train_cache, cache)
+    shard = cache / "shard_00002.safetensors"
+    tensors = load_file(shard)
+    tensors["blocks.3.hook_resid_post"][5, 7, 3] = float("nan")
+    save_file(tensors, shard)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"][2].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NonFiniteActivationsError, match=r"At step \d+: Shard .*shard_00002"):
+        train(TrainConfig(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
+                          k=[8], tokens=64 * 200, batch_size=64, buffer_tokens=64 * 32,
+                          holdout_tokens=2048))
+
+
+def test_cache_smaller_than_one_batch(train_cache, tmp_path):
+    with pytest.raises(TrainingError, match="fewer than one batch of 16384"):
+        train(TrainConfig(activations=str(train_cache), out=str(tmp_path / "run"),
+                          tokens=16384 * 2, batch_size=16384))
+
+
+def test_cli_reports_training_errors(tmp_path, capsys):
+    from saekit.cli import main
+
+    assert main(["train", "--activations", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not an activation cache" in capsys.readouterr().err
