@@ -1,15 +1,91 @@
-"""Evaluate SAEs: reconstruction quality and sparsity over a stream of activations."""
+"""Evaluate SAEs: reconstruction quality, sparsity, and what splicing them into the model costs.
+
+``reconstruction_metrics`` scores an SAE on activations alone. ``downstream_metrics`` runs the
+model on token rows ``[n_rows, context]`` (each starting with BOS) three times: clean, with the
+activation at the SAE's hook replaced by its reconstruction (spliced), and replaced by zeros.
+BOS positions carry huge activations and are left clean in every run.
+
+Definitions:
+
+* scored predictions: position t of a row (predicting token t + 1) counts when
+  ``tokens[t] != BOS`` (the activation there was spliced) and ``tokens[t + 1] != BOS``
+  (the target is a real token, not a document boundary);
+* L = mean next-token cross-entropy (nats) over the scored predictions;
+* CE-loss recovered = (L_zero - L_spliced) / (L_zero - L_clean): 1 for a perfect
+  reconstruction, 0 for one no better than zeros; ΔLM loss = L_spliced - L_clean;
+* KL = mean over scored predictions of KL(p_clean || p_spliced) (nats);
+* FVU, L0, cosine, ... (``reconstruction_metrics``) over the activations at every non-BOS
+  position; a latent is dead below firing frequency 1e-6, dense above 0.1.
+"""
 
 from __future__ import annotations
 
+import argparse
+import math
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
 
+from saekit.errors import SaekitError
+from saekit.files import atomic_path, write_json
 from saekit.sae import SAE
 
 DEAD_FREQUENCY = 1e-6
 DENSE_FREQUENCY = 0.1
+DEFAULT_EVAL_TOKENS = 65_536
+KL_CHUNK = 256  # predictions per chunk when summing KL over a [n, vocab] pair
+
+
+class EvaluationError(SaekitError, ValueError):
+    """Evaluation cannot run with these inputs (no tokens, no hook to splice at, ...)."""
+
+
+class ReconstructionStats:
+    """Running sums behind ``reconstruction_metrics``: ``add`` batches, then ``metrics``."""
+
+    def __init__(self, d_in: int, d_sae: int, device: torch.device | str | None = None) -> None:
+        def zeros(*shape: int) -> Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        self.n = 0
+        self.sum_x = zeros(d_in)  # [d_in]
+        self.sum_sq_x, self.sum_err, self.sum_cos = zeros(), zeros(), zeros()
+        self.fires = zeros(d_sae)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, x_hat: Tensor, acts: Tensor) -> None:
+        """Add activations ``x`` [n, d_in], reconstructions ``x_hat`` [n, d_in] and latent
+        activations ``acts`` [n, d_sae]."""
+        x64, err = x.double(), (x - x_hat).double()
+        self.sum_x += x64.sum(0)
+        self.sum_sq_x += x64.pow(2).sum()
+        self.sum_err += err.pow(2).sum()
+        self.sum_cos += F.cosine_similarity(x, x_hat, dim=-1).double().sum()
+        self.fires += (acts != 0).sum(0).double()
+        self.n += len(x)
+
+    def metrics(self) -> dict:
+        """FVU, MSE, cosine, L0, dead/dense fractions and ``firing_frequency`` [d_sae]."""
+        if self.n == 0:
+            raise EvaluationError("No activations to evaluate on.")
+        variance = self.sum_sq_x - self.sum_x.pow(2).sum() / self.n
+        fvu = float(self.sum_err / variance)
+        frequency = (self.fires / self.n).float().cpu()
+        return {
+            "tokens": self.n,
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "mse": float(self.sum_err / self.n),
+            "cosine": float(self.sum_cos / self.n),
+            "l0": float(self.fires.sum() / self.n),
+            "dead_fraction": float((frequency < DEAD_FREQUENCY).float().mean()),
+            "dense_fraction": float((frequency > DENSE_FREQUENCY).float().mean()),
+            "firing_frequency": frequency,
+        }
 
 
 @torch.no_grad()
@@ -18,41 +94,248 @@ def reconstruction_metrics(sae: SAE, activations: Iterable[torch.Tensor],
     """FVU, MSE, cosine, L0 and firing frequencies of ``sae`` over ``activations`` ([n, d_in] each).
 
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens (mean taken over all of
-    them); explained variance = 1 - FVU. ``firing_frequency`` [d_sae] is the fraction of
+    them); explained variance = 1 - FVU; cosine: mean over tokens of cos(x, x_hat); L0: mean
+    number of non-zero latents per token. ``firing_frequency`` [d_sae] is the fraction of
     tokens each latent is non-zero on; dead: below 1e-6, dense: above 0.1.
     """
     device = sae.W_dec.device
-    n = 0
-    sum_x = sum_sq_x = sum_err = sum_cos = sum_l0 = None
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=device)
+    stats = ReconstructionStats(sae.d_in, sae.d_sae, device)
     for block in activations:
         for x in block.split(chunk):
             x = x.to(device, sae.W_dec.dtype)
             x_hat, acts = sae(x)
-            x64, err = x.double(), (x - x_hat).double()
-            parts = (x64.sum(0), x64.pow(2).sum(), err.pow(2).sum(),
-                     torch.cosine_similarity(x, x_hat, dim=-1).double().sum(),
-                     (acts != 0).sum().double())
-            if sum_x is None:
-                sum_x, sum_sq_x, sum_err, sum_cos, sum_l0 = parts
-            else:
-                sum_x, sum_sq_x, sum_err, sum_cos, sum_l0 = (
-                    a + b for a, b in zip((sum_x, sum_sq_x, sum_err, sum_cos, sum_l0), parts))
-            fires += (acts != 0).sum(0).double()
-            n += len(x)
-    if n == 0:
-        raise ValueError("No activations to evaluate on.")
-    variance = sum_sq_x - sum_x.pow(2).sum() / n
-    fvu = float(sum_err / variance)
-    frequency = (fires / n).float().cpu()
+            stats.add(x, x_hat, acts)
+    return stats.metrics()
+
+
+def ce_loss_recovered(clean: float, spliced: float, zero: float) -> float:
+    """(zero - spliced) / (zero - clean): 1.0 when splicing costs nothing, 0.0 when it is as bad
+    as zero ablation; NaN when zero ablation costs nothing either."""
+    gap = float(zero) - float(clean)
+    return float("nan") if gap == 0 else (float(zero) - float(spliced)) / gap
+
+
+def _scored_log_probs(model, rows: Tensor, fwd_hooks: list, scored: Tensor) -> Tensor:
+    """Log-probabilities [n_scored, vocab] at the scored predictions of ``rows`` [b, context]."""
+    logits = model.run_with_hooks(rows, return_type="logits", fwd_hooks=fwd_hooks)
+    return logits[:, :-1][scored].float().log_softmax(-1)
+
+
+def _cross_entropy_sum(log_probs: Tensor, targets: Tensor) -> float:
+    return -log_probs.gather(1, targets[:, None]).double().sum().item()
+
+
+def _kl_sum(log_p: Tensor, log_q: Tensor) -> float:
+    """Sum over rows of KL(p || q) for log-probabilities [n, vocab], in chunks of rows."""
+    total = 0.0
+    for lp, lq in zip(log_p.split(KL_CHUNK), log_q.split(KL_CHUNK), strict=True):
+        total += (lp.exp() * (lp - lq)).double().sum().item()
+    return total
+
+
+@torch.no_grad()
+def downstream_metrics(model, sae: SAE, tokens: Tensor, batch_rows: int = 4,
+                       hook_name: str | None = None, progress: bool = False) -> dict:
+    """Splicing metrics of ``sae`` in ``model`` on ``tokens`` [n_rows, context] (module docstring).
+
+    The SAE goes in at ``hook_name`` (default ``sae.cfg.metadata.hook_name``). Runs the full
+    model three times per batch of ``batch_rows`` rows; only one batch's [rows, context, vocab]
+    logits exist at a time. Returns ``ce_loss_clean``, ``ce_loss_spliced``, ``ce_loss_zero``,
+    ``ce_loss_recovered``, ``delta_lm_loss``, ``kl_div``, ``scored_predictions``, ``rows``,
+    ``context`` and ``reconstruction_metrics``'s keys (``tokens``: non-BOS positions).
+    """
+    from saekit.capture import check_hooks
+
+    hook = hook_name or sae.cfg.metadata.hook_name
+    if not hook:
+        raise EvaluationError("The SAE's metadata names no hook to splice it in at: pass "
+                              "hook_name (--hook), e.g. 'blocks.6.hook_resid_post'.")
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
+        raise EvaluationError(f"tokens must be integer rows [n_rows, context >= 2], got shape "
+                              f"{tuple(tokens.shape)} ({tokens.dtype}).")
+    if batch_rows < 1:
+        raise EvaluationError(f"batch_rows must be at least 1, got {batch_rows}.")
+    check_hooks(model, [hook])
+    bos = model.tokenizer.bos_token_id
+    device = next(model.parameters()).device
+    sae_device, sae_dtype = sae.W_dec.device, sae.W_dec.dtype
+    stats = ReconstructionStats(sae.d_in, sae.d_sae, sae_device)
+    sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
+    n_scored = 0
+    bar = tqdm(total=tokens.numel(), unit="tok", desc="eval", disable=not progress)
+    for rows in tokens.split(batch_rows):
+        rows = rows.to(device)
+        spliced_at = rows != bos  # [b, context]
+        scored = spliced_at[:, :-1] & (rows[:, 1:] != bos)  # [b, context - 1]
+        targets = rows[:, 1:][scored]
+
+        def splice(act: Tensor, hook, at: Tensor = spliced_at) -> Tensor:
+            x = act[at].to(sae_device, sae_dtype)
+            x_hat, acts = sae(x)
+            stats.add(x, x_hat, acts)
+            out = act.clone()
+            out[at] = x_hat.to(act.device, act.dtype)
+            return out
+
+        def ablate(act: Tensor, hook, at: Tensor = spliced_at) -> Tensor:
+            return act.masked_fill(at.reshape(*at.shape, *[1] * (act.ndim - 2)), 0)
+
+        clean = _scored_log_probs(model, rows, [], scored)
+        spliced = _scored_log_probs(model, rows, [(hook, splice)], scored)
+        sums["clean"] += _cross_entropy_sum(clean, targets)
+        sums["spliced"] += _cross_entropy_sum(spliced, targets)
+        sums["kl"] += _kl_sum(clean, spliced)
+        del clean, spliced
+        sums["zero"] += _cross_entropy_sum(_scored_log_probs(model, rows, [(hook, ablate)],
+                                                             scored), targets)
+        n_scored += len(targets)
+        bar.update(rows.numel())
+    bar.close()
+    if n_scored == 0:
+        raise EvaluationError("No predictions to score: every position or target is BOS.")
+    loss = {name: total / n_scored for name, total in sums.items()}
     return {
-        "tokens": n,
-        "fvu": fvu,
-        "explained_variance": 1 - fvu,
-        "mse": float(sum_err / n),
-        "cosine": float(sum_cos / n),
-        "l0": float(sum_l0 / n),
-        "dead_fraction": float((frequency < DEAD_FREQUENCY).float().mean()),
-        "dense_fraction": float((frequency > DENSE_FREQUENCY).float().mean()),
-        "firing_frequency": frequency,
+        "ce_loss_clean": loss["clean"],
+        "ce_loss_spliced": loss["spliced"],
+        "ce_loss_zero": loss["zero"],
+        "ce_loss_recovered": ce_loss_recovered(loss["clean"], loss["spliced"], loss["zero"]),
+        "delta_lm_loss": loss["spliced"] - loss["clean"],
+        "kl_div": loss["kl"],
+        "scored_predictions": n_scored,
+        "rows": len(tokens),
+        "context": tokens.shape[1],
+        **stats.metrics(),
     }
+
+
+def density_histogram(firing_frequency: Tensor, path: str | Path,
+                      dead_threshold: float = DEAD_FREQUENCY,
+                      dense_threshold: float = DENSE_FREQUENCY,
+                      title: str = "Latent density") -> Path:
+    """Write a PNG histogram of log10 firing frequency ([d_sae]) of the live latents.
+
+    Dead latents (frequency below ``dead_threshold``) cannot go on a log axis: they are counted
+    in the annotation; a dashed line marks ``dense_threshold``. Written atomically.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    frequency = torch.as_tensor(firing_frequency).detach().double().flatten().cpu()
+    dead = frequency < dead_threshold
+    n_dense = int((frequency > dense_threshold).sum())
+    low = math.log10(dead_threshold)
+    fig = Figure(figsize=(6.4, 4.0))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.hist(frequency[~dead].log10().numpy(), bins=torch.linspace(low, 0, 61).numpy(),
+            color="tab:blue")
+    ax.axvline(math.log10(dense_threshold), color="tab:red", linestyle="--", linewidth=1,
+               label=f"dense: > {dense_threshold:g}")
+    ax.set_xlim(low, 0)
+    ax.set_xlabel("log10 firing frequency (fraction of tokens a latent is active on)")
+    ax.set_ylabel("latents")
+    ax.set_title(title)
+    ax.legend(loc="upper right")
+    ax.text(0.02, 0.97, f"{int(dead.sum()):,} of {len(frequency):,} latents dead "
+            f"(< {dead_threshold:g}, not shown)\n{n_dense:,} dense",
+            transform=ax.transAxes, va="top", fontsize=9,
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8})
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return Path(path)
+
+
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DEFAULT_EVAL_TOKENS,
+                 context: int = 128, out: str | Path = "eval.json", seed: int = 0,
+                 batch_rows: int = 4, subfolder: str | None = None,
+                 model_name: str | None = None, hook_name: str | None = None,
+                 device: str | torch.device | None = None, model=None,
+                 progress: bool = False) -> dict:
+    """Evaluate the SAE at ``sae_dir`` (any layout ``load_foreign_sae`` reads) end to end.
+
+    Loads the model its metadata names (``model_name`` overrides; default gemma-3-270m) unless
+    ``model`` is given, packs ``tokens // context`` rows of ``dataset`` (shuffled by ``seed``),
+    computes ``downstream_metrics`` and writes them to ``out`` (JSON) with a density histogram
+    ``<out stem>_density.png`` beside it, atomically. Returns the report written.
+    """
+    from saekit import __version__
+    from saekit.corpus import load_corpus, pack_token_rows
+    from saekit.formats import load_foreign_sae
+    from saekit.model import DEFAULT_MODEL, load_model
+
+    if context < 2 or tokens < context:
+        raise EvaluationError(f"Need context >= 2 and tokens >= context, got tokens={tokens}, "
+                              f"context={context}.")
+    sae = load_foreign_sae(sae_dir, subfolder=subfolder, model_name=model_name,
+                           hook_name=hook_name)
+    name = sae.cfg.metadata.model_name or DEFAULT_MODEL
+    if model is None:
+        model = load_model(name, device=device)
+    name = getattr(model, "saekit_model_name", name)
+    sae = sae.to(next(model.parameters()).device).eval()
+    rows = pack_token_rows(load_corpus(dataset, seed=seed), model.tokenizer, tokens // context,
+                           context)
+    metrics = downstream_metrics(model, sae, rows, batch_rows, progress=progress)
+    frequency = metrics.pop("firing_frequency")
+    out = Path(out)
+    plot = out.with_name(f"{out.stem}_density.png")
+    density_histogram(frequency, plot, title=f"Latent density: {sae.cfg.architecture}, "
+                      f"d_sae {sae.d_sae}, {metrics['tokens']:,} tokens")
+    report = {
+        "sae": str(sae_dir), "subfolder": subfolder, "architecture": sae.cfg.architecture,
+        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.cfg.k, "model": name,
+        "hook_name": sae.cfg.metadata.hook_name, "dataset": dataset, "seed": seed,
+        **{k: _finite_or_none(v) for k, v in metrics.items()},
+        "dead_latents": int((frequency < DEAD_FREQUENCY).sum()),
+        "dense_latents": int((frequency > DENSE_FREQUENCY).sum()),
+        "dead_frequency": DEAD_FREQUENCY, "dense_frequency": DENSE_FREQUENCY,
+        "density_plot": plot.name, "saekit_version": __version__,
+    }
+    write_json(out, report)
+    return report
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    report = evaluate_sae(args.sae, dataset=args.dataset, tokens=args.tokens,
+                          context=args.context, out=args.out, seed=args.seed,
+                          batch_rows=args.batch_rows, subfolder=args.subfolder,
+                          model_name=args.model, hook_name=args.hook, device=args.device,
+                          progress=True)
+    recovered = report["ce_loss_recovered"]
+    print(f"{report['architecture']} SAE (d_sae {report['d_sae']:,}) at {report['hook_name']} of "
+          f"{report['model']}, {report['tokens']:,} tokens of {report['dataset']}:\n"
+          f"  CE loss recovered {'n/a' if recovered is None else f'{recovered:.4f}'} (clean "
+          f"{report['ce_loss_clean']:.4f}, spliced {report['ce_loss_spliced']:.4f}, zero "
+          f"{report['ce_loss_zero']:.4f}; delta LM loss {report['delta_lm_loss']:+.4f}), "
+          f"KL {report['kl_div']:.4f}\n"
+          f"  FVU {report['fvu']:.4f}, L0 {report['l0']:.1f}, cosine {report['cosine']:.4f}, "
+          f"dead {100 * report['dead_fraction']:.1f}%, dense {100 * report['dense_fraction']:.1f}%"
+          f"\n  -> {args.out}, {report['density_plot']}")
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``saekit eval`` to the ``saekit`` sub-command parsers."""
+    parser = subparsers.add_parser(
+        "eval", help="evaluate an SAE: FVU, L0, density, CE loss recovered and KL when spliced")
+    parser.add_argument("--sae", required=True, help="SAE folder (saekit/SAELens, Gemma Scope, "
+                        "sparsify) or Hugging Face repo id")
+    parser.add_argument("--subfolder", default=None, help="folder of the SAE inside --sae")
+    parser.add_argument("--dataset", default="default", help="corpus (default: 'default')")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS,
+                        help=f"tokens to evaluate on (default: {DEFAULT_EVAL_TOKENS})")
+    parser.add_argument("--context", type=int, default=128, help="row length (default: 128)")
+    parser.add_argument("--out", default="eval.json", help="report (default: eval.json)")
+    parser.add_argument("--seed", type=int, default=0, help="corpus shuffle seed (default: 0)")
+    parser.add_argument("--batch-rows", dest="batch_rows", type=int, default=4,
+                        help="rows per forward pass (default: 4)")
+    parser.add_argument("--model", default=None,
+                        help="model (default: the SAE's metadata, else gemma-3-270m)")
+    parser.add_argument("--hook", default=None, help="hook (default: the SAE's metadata)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
+    parser.set_defaults(run=run_eval)
+    return parser
