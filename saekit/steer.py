@@ -1,0 +1,387 @@
+"""Steer a model through SAE latents ("Golden Gate" style), and generate under steering.
+
+At each steered position of a hook, with ``x`` the activation there::
+
+    acts  = sae.encode(x)
+    error = x - sae.decode(acts)            # the SAE's error term is kept
+    acts' = acts with: clamp (acts[f] = v) and ablate (acts[f] = 0), then add (acts[f] += v)
+    out   = sae.decode(acts') + error
+
+so ``out = x + (acts' - acts) @ W_dec`` up to float rounding. Positions where no edit applies
+(BOS, the prompt under ``positions="generated"``) are returned exactly as they were, so an empty
+steering context leaves the logits bit-identical.
+
+Positions are absolute indices in the sequence, read off the Hugging Face model's inputs by a
+forward pre-hook: a pass that continues a KV cache (as ``model.generate`` does after its first
+step) starts at the cache's length, any other pass at 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import operator
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from saekit.errors import SaekitError
+from saekit.sae import SAE
+
+Positions = Literal["all", "generated"]
+POSITIONS = ("all", "generated")
+RESID_HOOK_SUFFIXES = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+class SteeringError(SaekitError, ValueError):
+    """A steering request saekit cannot carry out: bad feature, value, hook or SAE."""
+
+
+@dataclass
+class Intervention:
+    """Edits to one SAE's latents at one hook (default: the SAE's ``metadata.hook_name``).
+
+    ``clamp`` {feature: value} sets latents, ``ablate`` [feature, ...] sets them to 0, and then
+    ``add`` {feature: value} adds to them (so clamp 5 and add 2 on one feature gives 7).
+    Values are in the SAE's activation units.
+    """
+
+    sae: SAE
+    clamp: Mapping[int, float] = field(default_factory=dict)
+    add: Mapping[int, float] = field(default_factory=dict)
+    ablate: Sequence[int] = ()
+    hook: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sae, SAE):
+            raise SteeringError(f"Intervention needs a saekit SAE, got {type(self.sae).__name__}.")
+        self.clamp = {self._feature(f): self._value(v, "clamp") for f, v in
+                      _mapping(self.clamp, "clamp").items()}
+        self.add = {self._feature(f): self._value(v, "add") for f, v in
+                    _mapping(self.add, "add").items()}
+        if isinstance(self.ablate, (int, str)):
+            self.ablate = [self.ablate]
+        self.ablate = sorted({self._feature(f) for f in self.ablate})
+        both = sorted(set(self.clamp) & set(self.ablate))
+        if both:
+            raise SteeringError(f"Features {both} are both clamped and ablated; pick one.")
+
+    @property
+    def hook_name(self) -> str:
+        name = self.hook or self.sae.cfg.metadata.hook_name
+        if not name:
+            raise SteeringError("The SAE's metadata names no hook_name: pass hook='blocks.6."
+                                "hook_resid_post' (or the hook it was trained on).")
+        return name
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.clamp or self.add or self.ablate)
+
+    def check(self, model) -> None:
+        """Raise if the hook is not in ``model`` or a residual hook's width is not d_in."""
+        from saekit.capture import check_hooks
+
+        check_hooks(model, [self.hook_name])
+        d_model = getattr(model.cfg, "d_model", None)
+        if self.hook_name.endswith(RESID_HOOK_SUFFIXES) and d_model not in (None, self.sae.d_in):
+            raise SteeringError(f"The SAE takes d_in = {self.sae.d_in}, but {self.hook_name!r} has "
+                                f"width d_model = {d_model}: use an SAE trained on this model.")
+
+    def edit(self, acts: Tensor) -> Tensor:
+        """``acts`` [..., d_sae] with clamp and ablate set, then add applied (a new tensor)."""
+        acts = acts.clone()
+        if self.clamp:
+            acts[..., list(self.clamp)] = acts.new_tensor(list(self.clamp.values()))
+        if self.ablate:
+            acts[..., self.ablate] = 0
+        if self.add:
+            acts[..., list(self.add)] += acts.new_tensor(list(self.add.values()))
+        return acts
+
+    def _feature(self, feature: Any) -> int:
+        try:
+            index = operator.index(feature)
+        except TypeError:
+            raise SteeringError(f"Feature indices are integers, got {feature!r}.") from None
+        if not 0 <= index < self.sae.d_sae:
+            raise SteeringError(f"Feature {index} is out of range: this SAE has d_sae = "
+                                f"{self.sae.d_sae} latents (0 to {self.sae.d_sae - 1}).")
+        return index
+
+    @staticmethod
+    def _value(value: Any, what: str) -> float:
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise SteeringError(f"{what} values are numbers, got {value!r}.") from None
+        if not math.isfinite(value):
+            raise SteeringError(f"{what} values must be finite, got {value}.")
+        return value
+
+
+def _mapping(edits: Any, what: str) -> Mapping:
+    if edits is None:
+        return {}
+    if not isinstance(edits, Mapping):
+        raise SteeringError(f"{what} takes a dict {{feature: value}}, got {type(edits).__name__}.")
+    return edits
+
+
+class PositionTracker:
+    """Which positions of each forward pass to steer; fed by a pre-hook on the HF model.
+
+    ``"all"``: every position, except position 0 and BOS tokens when ``skip_bos``.
+    ``"generated"``: positions whose absolute index is >= the prompt length. The prompt is the
+    input of the first pass that does not continue a KV cache; a later such pass that extends it
+    (generation without KV cache, or re-scoring prompt + continuation) keeps it, any other pass
+    becomes the new prompt, so a plain forward over a new text steers nothing.
+    """
+
+    def __init__(self, positions: Positions, skip_bos: bool, bos_token_id: int | None) -> None:
+        self.positions, self.skip_bos, self.bos_token_id = positions, skip_bos, bos_token_id
+        self.offset = 0
+        self.ids: Tensor | None = None
+        self.prompt: Tensor | None = None
+        self.prompt_length = 0
+
+    def observe(self, module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook (``with_kwargs=True``) on the Hugging Face model."""
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.ids = ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
+        cache, cache_position = kwargs.get("past_key_values"), kwargs.get("cache_position")
+        if isinstance(cache_position, Tensor) and cache_position.numel():
+            self.offset = int(cache_position.reshape(-1)[0])
+        elif cache is not None and hasattr(cache, "get_seq_length"):
+            self.offset = int(cache.get_seq_length())
+        else:
+            self.offset = 0
+        if self.offset == 0 and self.positions == "generated":
+            self._update_prompt(ids)
+
+    def _update_prompt(self, ids: Any) -> None:
+        if not isinstance(ids, Tensor):
+            return
+        old = self.prompt
+        extends = (old is not None and ids.ndim == old.ndim == 2 and ids.shape[0] == old.shape[0]
+                   and ids.shape[1] >= old.shape[1]
+                   and torch.equal(ids[:, :old.shape[1]], old.to(ids.device)))
+        if not extends:
+            self.prompt = ids.detach().clone()
+            self.prompt_length = ids.shape[1]
+
+    def mask(self, act: Tensor) -> Tensor | None:
+        """Bool [batch, pos] of positions to steer in ``act`` [batch, pos, ...]; None if none."""
+        batch, length = act.shape[:2]
+        index = torch.arange(self.offset, self.offset + length, device=act.device)
+        keep = torch.ones(batch, length, dtype=torch.bool, device=act.device)
+        if self.skip_bos:
+            keep &= index != 0
+            ids = self.ids
+            if ids is not None and self.bos_token_id is not None and ids.shape == (batch, length):
+                keep &= ids.to(act.device) != self.bos_token_id
+        if self.positions == "generated":
+            keep &= index >= self.prompt_length
+        return keep if bool(keep.any()) else None
+
+
+def make_hook(intervention: Intervention, tracker: PositionTracker):
+    """The forward hook ``fn(act [batch, pos, ..., d_in], hook) -> act`` applying the edits."""
+    sae = intervention.sae
+
+    def steer_hook(act: Tensor, hook) -> Tensor:
+        if act.ndim < 3 or act.shape[-1] != sae.d_in:
+            raise SteeringError(f"The SAE takes d_in = {sae.d_in}, but hook "
+                                f"{intervention.hook_name!r} gives activations of shape "
+                                f"{tuple(act.shape)}.")
+        mask = tracker.mask(act)
+        if mask is None:
+            return act
+        x = act[mask].to(sae.W_dec.device, sae.W_dec.dtype)
+        latents = sae.encode(x)
+        error = x - sae.decode(latents)
+        steered = sae.decode(intervention.edit(latents)) + error
+        out = act.clone()
+        out[mask] = steered.to(act.device, act.dtype)
+        return out
+
+    return steer_hook
+
+
+def interventions_from(items: Sequence[Any], clamp: Mapping[int, float] | None = None,
+                       add: Mapping[int, float] | None = None, ablate: Sequence[int] | None = None,
+                       hook: str | None = None) -> list[Intervention]:
+    """Normalise ``steer``'s positional arguments into a list of ``Intervention``.
+
+    Items: ``Intervention``, ``(sae, {"clamp": ..., "add": ..., "ablate": ..., "hook": ...})``,
+    a bare ``SAE`` (which takes the keyword edits; at most one), or a list of these.
+    """
+    flat: list[Any] = []
+    for item in items:
+        if isinstance(item, list) or (isinstance(item, tuple) and not _is_pair(item)):
+            flat.extend(item)
+        else:
+            flat.append(item)
+    bare = [item for item in flat if isinstance(item, SAE)]
+    keywords = any(v is not None for v in (clamp, add, ablate, hook))
+    if len(bare) > 1 or (keywords and not bare):
+        raise SteeringError("clamp=/add=/ablate=/hook= apply to one bare SAE: pass exactly one "
+                            "SAE with them, or Intervention(sae, clamp=...) objects.")
+    out = []
+    for item in flat:
+        if isinstance(item, Intervention):
+            out.append(item)
+        elif isinstance(item, SAE):
+            out.append(Intervention(item, clamp or {}, add or {}, ablate or (), hook))
+        elif _is_pair(item):
+            sae, edits = item
+            unknown = set(edits) - {"clamp", "add", "ablate", "hook"}
+            if unknown:
+                raise SteeringError(f"Unknown edit keys {sorted(unknown)}: use clamp, add, "
+                                    "ablate, hook.")
+            out.append(Intervention(sae, **edits))
+        else:
+            raise SteeringError(f"steer takes SAEs, Interventions or (sae, edits) pairs, got "
+                                f"{type(item).__name__}.")
+    return out
+
+
+def _is_pair(item: Any) -> bool:
+    return isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], SAE) \
+        and isinstance(item[1], Mapping)
+
+
+@contextmanager
+def steer(model, *interventions: Any, clamp: Mapping[int, float] | None = None,
+          add: Mapping[int, float] | None = None, ablate: Sequence[int] | None = None,
+          hook: str | None = None, positions: Positions = "all",
+          skip_bos: bool = True) -> Iterator[Any]:
+    """Steer ``model`` (a ``TransformerBridge``) through SAE latents while the context is open.
+
+    ``with steer(model, sae, clamp={f: 8.0}):`` or ``with steer(model, Intervention(sae1, ...),
+    (sae2, {"ablate": [3]}), positions="generated"):``. Forward passes, ``run_with_cache`` and
+    ``model.generate`` inside are steered; several interventions on one hook apply in order.
+    Edits (see the module docstring): clamp and ablate set latents, add is applied after them.
+    ``positions``: ``"all"`` steers every position except position 0 / BOS tokens (when
+    ``skip_bos``; BOS carries huge activations and steering it wrecks generation);
+    ``"generated"`` steers only positions whose index is >= the prompt length (see
+    ``PositionTracker``). Hooks are removed on exit, also on an exception. Yields the model.
+    """
+    if positions not in POSITIONS:
+        raise SteeringError(f"positions must be one of {POSITIONS}, got {positions!r}.")
+    plan = interventions_from(interventions, clamp, add, ablate, hook)
+    for intervention in plan:
+        intervention.check(model)
+    active = [iv for iv in plan if not iv.is_empty]
+    tokenizer = getattr(model, "tokenizer", None)
+    tracker = PositionTracker(positions, skip_bos, getattr(tokenizer, "bos_token_id", None))
+    handle = None
+    if active:
+        handle = model.original_model.register_forward_pre_hook(tracker.observe, with_kwargs=True)
+    try:
+        with model.hooks(fwd_hooks=[(iv.hook_name, make_hook(iv, tracker)) for iv in active]):
+            yield model
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def model_device(model) -> torch.device:
+    """The device ``model`` runs on."""
+    device = getattr(model.cfg, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+@torch.no_grad()
+def sample_tokens(model, tokens: Tensor, interventions: Sequence[Intervention] = (),
+                  max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0,
+                  positions: Positions = "all") -> Tensor:
+    """New tokens [batch, <= max_new_tokens] sampled after ``tokens`` [batch, prompt], steered.
+
+    Sampling is seeded (the global RNG is left as it was); ``temperature`` 0 is greedy. Rows
+    that stop early are padded with EOS.
+    """
+    if not temperature >= 0:
+        raise SteeringError(f"temperature must be >= 0, got {temperature}.")
+    if max_new_tokens < 1:
+        raise SteeringError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    device = model_device(model)
+    tokens = tokens.to(device)
+    forked = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
+        torch.manual_seed(seed)
+        with steer(model, *interventions, positions=positions):
+            out = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                 temperature=temperature if temperature > 0 else 1.0,
+                                 return_type="tokens", verbose=False)
+    return out[:, tokens.shape[1]:]
+
+
+def generate(model, prompt: str, sae: SAE | None = None,
+             clamp: Mapping[int, float] | None = None, add: Mapping[int, float] | None = None,
+             ablate: Sequence[int] | None = None, max_new_tokens: int = 30,
+             temperature: float = 0.7, seed: int = 0, positions: Positions = "all",
+             hook: str | None = None) -> str:
+    """The continuation of ``prompt`` (text only, without the prompt), steered through ``sae``.
+
+    Seeded sampling: the same seed gives the same text; ``temperature`` 0 is greedy.
+    """
+    if sae is None and any(v for v in (clamp, add, ablate, hook)):
+        raise SteeringError("clamp, add, ablate and hook need an sae.")
+    plan = [] if sae is None else [Intervention(sae, clamp or {}, add or {}, ablate or (), hook)]
+    tokens = model.to_tokens(prompt)
+    new = sample_tokens(model, tokens, plan, max_new_tokens, temperature, seed, positions)
+    return model.tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
+
+
+# --- command line ----------------------------------------------------------------------------
+
+def load_sae_and_model(sae_dir: str, device: str | None = None):
+    """``(sae, model)``: the SAE at ``sae_dir`` and the model its metadata names, on one device."""
+    from saekit.model import DEFAULT_MODEL, default_device, load_model
+    from saekit.sae import load_sae
+
+    device = default_device(device)
+    sae = load_sae(sae_dir, device=device)
+    model = load_model(sae.cfg.metadata.model_name or DEFAULT_MODEL, device=device)
+    return sae, model
+
+
+def run_steer(args: argparse.Namespace) -> None:
+    sae, model = load_sae_and_model(args.sae, args.device)
+    common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "seed": args.seed, "positions": args.positions}
+    steered = generate(model, args.prompt, sae, clamp={args.feature: args.value}, **common)
+    print(f"=== steered: clamp feature {args.feature} = {args.value:g} at "
+          f"{sae.cfg.metadata.hook_name} (seed {args.seed}) ===")
+    print(args.prompt + steered)
+    if args.compare:
+        print(f"=== unsteered (seed {args.seed}) ===")
+        print(args.prompt + generate(model, args.prompt, **common))
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``saekit steer`` to the CLI's sub-parsers."""
+    parser = subparsers.add_parser("steer", help="generate text with one SAE feature clamped")
+    parser.add_argument("--sae", required=True, help="saved SAE folder")
+    parser.add_argument("--feature", type=int, required=True, help="latent index")
+    parser.add_argument("--value", type=float, required=True,
+                        help="clamp value, in the SAE's activation units")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--compare", action="store_true", help="also print the unsteered text")
+    add_generation_arguments(parser)
+    parser.set_defaults(run=run_steer)
+    return parser
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling and placement flags shared by ``saekit steer`` and ``saekit steer-eval``."""
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--positions", choices=POSITIONS, default="all")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")

@@ -1,0 +1,80 @@
+"""Steering evaluation: the keyword matcher, the curve's JSON and PNG, and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+from saekit.steer import SteeringError
+from saekit.steer_eval import (RESULT_JSON, RESULT_PNG, keyword_pattern, mention_rate,
+                               read_prompts, register_cli, steering_curve)
+
+HOOK = "blocks.6.hook_resid_post"
+CONCEPT = ["Golden Gate", "San Francisco", "bridge"]
+BIG = 2e4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def sae(model):
+    """A small TopK SAE with b_dec fitted to real activations."""
+    _, cache = model.run_with_cache(model.to_tokens("The bridge spans the bay at dusk, I think."),
+                                    names_filter=HOOK)
+    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK)))
+    sae.init_from_data(cache[HOOK][0, 1:])
+    return sae.requires_grad_(False)
+
+
+def test_keyword_matcher_is_case_insensitive_and_word_bounded():
+    pattern = keyword_pattern(CONCEPT)
+    assert pattern.search("I drove over the BRIDGE.")
+    assert pattern.search("the golden  gate at night")
+    assert pattern.search("San Francisco's fog")
+    assert not pattern.search("She studied at Cambridge")
+    assert not pattern.search("bridges everywhere")
+    assert not pattern.search("a goldengate")
+    assert keyword_pattern(["bridge*"]).search("bridges everywhere")
+    texts = ["The Golden Gate is red.", "Cambridge in spring", "a BRIDGE!", "nothing here"]
+    assert mention_rate(texts, CONCEPT) == 0.5
+    with pytest.raises(SteeringError, match="keyword"):
+        keyword_pattern([" ", ""])
+
+
+def test_shipped_neutral_prompts():
+    prompts = read_prompts()
+    assert len(prompts) >= 10 and "I think that" in prompts
+
+
+def test_steering_curve_writes_json_and_png(model, sae, tmp_path):
+    result = steering_curve(model, sae, 3, [0.0, BIG], ["I think that", "My favourite place is"],
+                            CONCEPT, max_new_tokens=4, samples_per_prompt=1,
+                            neutral_texts=["Tell me about your weekend."], out=tmp_path)
+    written = json.loads((tmp_path / RESULT_JSON).read_text())
+    assert written == json.loads(json.dumps(result))
+    assert (tmp_path / RESULT_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [RESULT_JSON, RESULT_PNG]
+    assert written["feature"] == 3 and written["hook"] == HOOK and written["values"] == [0.0, BIG]
+    rows = [written["baseline"], *written["curve"]]
+    assert [row.get("value") for row in written["curve"]] == [0.0, BIG]
+    for row in rows:
+        assert {"mention_rate", "perplexity", "kl_neutral", "n_generations", "samples"} <= set(row)
+        assert row["n_generations"] == 2 and 0 <= row["mention_rate"] <= 1
+        assert row["perplexity"] > 1
+        assert row["mention_rate"] == sum(s["mentions"] for s in row["samples"]) / 2
+    assert written["baseline"]["kl_neutral"] == 0
+    assert written["curve"][1]["kl_neutral"] > written["curve"][0]["kl_neutral"] >= 0
+    assert written["curve"][1]["perplexity"] > written["baseline"]["perplexity"]
+
+
+def test_cli_values_relative_needs_max_activation(tmp_path):
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["steer-eval", "--sae", "unused", "--feature", "3", "--concept",
+                              "bridge", "--values=-1,2", "--values-relative", "--out",
+                              str(tmp_path)])
+    assert args.values == [-1.0, 2.0]
+    with pytest.raises(SteeringError, match="--max-activation"):
+        args.run(args)
