@@ -56,6 +56,7 @@ class TrainConfig:
     hook: str | None = None
     normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
     dead_tokens: int = 50_000  # a latent idle this many tokens counts as dead (AuxK, reports)
+    aux_coefficient: float = 1 / 32  # topk/batchtopk AuxK loss weight; 0 disables AuxK
     holdout_tokens: int = 65_536  # the cache's last shards, this many tokens, kept for evaluation
     buffer_tokens: int = 1 << 18
     seed: int = 0
@@ -96,7 +97,8 @@ def sweep_configs(config: TrainConfig, d_in: int, metadata: SAEMetadata) -> dict
             configs[label] = SAEConfig(
                 architecture=arch, d_in=d_in, d_sae=width, **{name: value},
                 normalize_activations="expected_average_only_in" if config.normalize else "none",
-                dead_tokens_threshold=config.dead_tokens, seed=config.seed, metadata=metadata)
+                dead_tokens_threshold=config.dead_tokens, aux_coefficient=config.aux_coefficient,
+                seed=config.seed, metadata=metadata)
     return configs
 
 

@@ -1,0 +1,91 @@
+"""Neighbourhood map around the Golden Gate feature (Anthropic, Scaling Monosemanticity: the
+features nearest in decoder direction form a semantically coherent neighbourhood: other San
+Francisco landmarks, bridges, California places, ...).
+
+Finds the feature most selective for a few Golden Gate sentences, places it and its nearest
+decoder directions in 2-D (PCA, ``feature_map``) and labels each point with its top-activating
+token in the cache (``--label activation``) or its top logit-lens token (``--label logit``);
+both go in the JSON. Writes ``feature_map.png`` and ``feature_map.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import common
+
+from saekit.analyse import top_activating_examples
+from saekit.directions import feature_map, logit_lens_batch, nearest_features
+
+NAME = "feature_map"
+DEFAULTS = {"tokens": 300_000, "latents": [4096], "neighbours": 30, "stats_rows": 512,
+            "label": "activation"}
+FULL = {"neighbours": 60, "stats_rows": 2048}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = common.make_parser(__doc__.splitlines()[0])
+    common.add_concept_args(parser)
+    parser.add_argument("--neighbours", type=int, help="nearest features to map (default 30)")
+    parser.add_argument("--label", choices=["activation", "logit"],
+                        help="label points by top-activating token or top logit-lens token")
+    return common.parse(parser, NAME, DEFAULTS, FULL, argv)
+
+
+def top_tokens(sae, cache, model, ids: list[int], max_rows: int) -> dict[int, str]:
+    """Each feature's top-activating token over the first ``max_rows`` cache rows ('' if it
+    never fires there)."""
+    examples = top_activating_examples(
+        sae, cache, ids, n_examples=1, window=(0, 0), tokenizer=model.tokenizer,
+        max_rows=max_rows)
+    tokens = {}
+    for feature in ids:
+        found = [e for e in examples.get(feature, []) if e.max_activation > 0]
+        tokens[feature] = found[0].tokens[found[0].position - found[0].start] if found else ""
+    return tokens
+
+
+def plot(points: list[dict], label: str, concept: dict):
+    fig, (ax,) = common.new_figure(size=(8.0, 6.5))
+    xs, ys = [p["x"] for p in points], [p["y"] for p in points]
+    scatter = ax.scatter(xs[1:], ys[1:], c=[p["cosine"] for p in points[1:]], cmap="viridis",
+                         s=28)
+    fig.colorbar(scatter, ax=ax, label="decoder cosine with the centre feature")
+    ax.scatter(xs[:1], ys[:1], marker="*", s=320, color="tab:red", edgecolor="black", zorder=3,
+               label=f"feature {concept['feature']} (Golden Gate search)")
+    for p in points:
+        text = (p[f"{label}_token"].strip() or "·").replace("$", r"\$")
+        ax.annotate(text, (p["x"], p["y"]), fontsize=7 if p["rank"] else 10,
+                    xytext=(3, 3), textcoords="offset points",
+                    fontweight="bold" if p["rank"] == 0 else "normal")
+    ax.set(xlabel="PC 1 of unit decoder rows", ylabel="PC 2",
+           title=f"Neighbourhood of feature {concept['feature']} "
+           f"({len(points) - 1} nearest decoder directions; labels: {label} token)")
+    ax.legend(loc="best", fontsize=8)
+    return fig
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cache, model, folder, sae, concept = common.concept_setup(args)
+    centre = concept["feature"]
+    ids, coords = feature_map(sae, centre, args.neighbours)
+    ids = ids.tolist()
+    cosine = {centre: 1.0, **dict(nearest_features(sae, centre,
+                                                                      args.neighbours))}
+    lens = logit_lens_batch(model, sae, ids, k=1)
+    activating = top_tokens(sae, cache, model, ids, args.stats_rows)
+    points = [{"feature": f, "rank": i, "x": float(coords[i, 0]), "y": float(coords[i, 1]),
+               "cosine": cosine.get(f), "logit_token": lens[i][0][0][0],
+               "activation_token": activating[f]} for i, f in enumerate(ids)]
+    print(f"feature {centre}: top token {activating[centre]!r}, logit-lens {lens[0][0][0][0]!r}; "
+          f"{len(ids) - 1} neighbours")
+    result = {"experiment": NAME, "settings": common.settings(args), "sae": str(folder),
+              "concept": concept, "label": args.label, "points": points}
+    common.save_results(args.out, NAME, plot(points, args.label, concept), result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

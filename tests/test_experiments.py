@@ -1,0 +1,152 @@
+"""The paper-figure scripts in experiments/, each run as a subprocess at CI size on a tiny cache
+(96 rows × 64 tokens of blocks.6) with tiny SAEs: they must write their PNG and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+TINY = ["--tokens", "4096", "--batch-size", "64", "--holdout-tokens", "1024"]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread (far faster than two spinning ones on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny_cache(model, tmp_path_factory) -> Path:
+    """96 rows × 64 tokens of blocks.6.hook_resid_post in 16-row shards (one held out)."""
+    from saekit import CaptureConfig, capture_activations
+
+    config = CaptureConfig(hooks=["blocks.6.hook_resid_post"], tokens=96 * 64, context=64,
+                           batch_rows=8, shard_rows=16)
+    with one_thread():
+        return capture_activations(config, tmp_path_factory.mktemp("experiments") / "acts",
+                                   model=model)
+
+
+@pytest.fixture(scope="module")
+def tiny_sae(tiny_cache, tmp_path_factory) -> Path:
+    """A TopK SAE (128 latents, k 8) trained on the tiny cache."""
+    from saekit.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny_sae")
+    with one_thread():
+        saved = train(TrainConfig(activations=str(tiny_cache), out=str(out), latents=[128],
+                                  k=[8], tokens=4096, batch_size=64, holdout_tokens=1024))
+    return saved["topk_w128_k8"]
+
+
+def run_script(name: str, out: Path, *args: str) -> None:
+    """Run experiments/NAME.py with ``args`` (one torch thread: the CI CPU is shared)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), *args,
+                           "--out", str(out)], check=False, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def outputs(out: Path, name: str) -> dict:
+    """The JSON a script wrote, after checking its PNG is there."""
+    png = out / f"{name}.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def test_frontier_has_a_point_per_sae(tiny_cache, tmp_path):
+    run_script("frontier", tmp_path, "--activations", str(tiny_cache), *TINY, "--latents",
+               "128", "--k", "8", "--l1", "2", "--l0", "0.03", "--ce-rows", "2",
+               "--ce-context", "32")
+    result = outputs(tmp_path, "frontier")
+    assert sorted(p["arch"] for p in result["points"]) == ["batchtopk", "jumprelu", "relu",
+                                                          "topk"]
+    for point in result["points"]:
+        assert math.isfinite(point["fvu"]) and point["l0"] > 0
+        assert math.isfinite(point["ce_loss_recovered"])
+    assert result["ce_eval"]["rows"] == 2
+
+
+def test_scaling_has_one_fvu_per_width(tiny_cache, tmp_path):
+    run_script("scaling", tmp_path, "--activations", str(tiny_cache), *TINY,
+               "--latents", "64,128,256", "--k", "8")
+    result = outputs(tmp_path, "scaling")
+    assert [p["latents"] for p in result["points"]] == [64, 128, 256]
+    assert all(math.isfinite(p["fvu"]) for p in result["points"])
+    assert math.isfinite(result["fit"]["exponent"]) and result["k"] == 8
+
+
+def test_dead_latents_compares_auxk_on_and_off(tiny_cache, tmp_path):
+    run_script("dead_latents", tmp_path, "--activations", str(tiny_cache), *TINY,
+               "--latents", "256", "--k", "8", "--dead-tokens", "512")
+    result = outputs(tmp_path, "dead_latents")
+    assert [r["aux_coefficient"] for r in result["runs"]] == [1 / 32, 0.0]
+    assert result["dead_tokens"] == 512 and "window" in result["note"]
+    for run in result["runs"]:
+        assert len(run["tokens"]) == len(run["dead_fraction"]) > 1
+        assert run["tokens"][-1] == 4096 and 0 <= run["final_dead_fraction"] <= 1
+
+
+def test_density_trains_or_reads_saes(tiny_cache, tiny_sae, tmp_path):
+    run_script("density", tmp_path / "trained", "--activations", str(tiny_cache), *TINY,
+               "--latents", "128", "--k", "8", "--l1", "2")
+    trained = outputs(tmp_path / "trained", "density")
+    assert sorted(s["arch"] for s in trained["saes"]) == ["relu", "topk"]
+    for sae in trained["saes"]:
+        assert sum(sae["histogram"]["counts"]) + sae["dead_latents"] == sae["d_sae"] == 128
+    run_script("density", tmp_path / "read", "--activations", str(tiny_cache), *TINY,
+               "--from", str(tiny_sae.parent))
+    read = outputs(tmp_path / "read", "density")
+    assert [s["name"] for s in read["saes"]] == ["topk_w128_k8"]
+
+
+def test_steering_curve_at_multiples_of_the_max(tiny_cache, tiny_sae, tmp_path):
+    run_script("steering_curve", tmp_path, "--activations", str(tiny_cache), *TINY,
+               "--sae", str(tiny_sae), "--prompts", "2", "--max-new-tokens", "3",
+               "--multiples", "0,4", "--stats-rows", "32")
+    result = outputs(tmp_path, "steering_curve")
+    peak = result["max_activation"]
+    assert peak > 0 and result["feature"] == result["concept"]["feature"]
+    assert [row["value"] for row in result["curve"]] == pytest.approx([0.0, 4 * peak])
+    assert all(row["n_generations"] == 2 for row in result["curve"])
+    assert result["concept_keywords"] == ["Golden Gate", "San Francisco", "bridge"]
+
+
+def test_feature_map_around_the_concept(tiny_cache, tiny_sae, tmp_path):
+    run_script("feature_map", tmp_path, "--activations", str(tiny_cache), *TINY,
+               "--sae", str(tiny_sae), "--neighbours", "8", "--stats-rows", "32")
+    result = outputs(tmp_path, "feature_map")
+    points = result["points"]
+    assert len(points) == 9 and points[0]["feature"] == result["concept"]["feature"]
+    assert points[0]["rank"] == 0 and points[0]["cosine"] == 1.0
+    assert all(isinstance(p["logit_token"], str) and math.isfinite(p["x"]) for p in points)
+
+
+def test_power_law_fit_and_full_defaults():
+    sys.path.insert(0, str(EXPERIMENTS))
+    try:
+        import scaling
+    finally:
+        sys.path.remove(str(EXPERIMENTS))
+    fit = scaling.power_law([512, 1024, 2048], [0.3 * n ** -0.25 for n in (512, 1024, 2048)])
+    assert fit["exponent"] == pytest.approx(-0.25) and fit["coefficient"] == pytest.approx(0.3)
+    assert scaling.parse_args([]).latents == [512, 1024, 2048, 4096]
+    full = scaling.parse_args(["--full", "--k", "16"])
+    assert full.latents[-1] == 16384 and full.k == [16] and full.out.endswith("out/scaling")
