@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import typing
-from pathlib import Path
 
 from saekit.errors import SaekitError
 
-DEMO_DIR = Path("runs/demo")
+# modules that add their own sub-commands with register_cli(subparsers)
+COMMAND_MODULES = ("saekit.evaluate", "saekit.dashboard", "saekit.steer", "saekit.steer_eval",
+                   "saekit.demo")
 
 
 class ExtendFromCommas(argparse.Action):
@@ -93,18 +95,6 @@ def run_hooks(args: argparse.Namespace) -> None:
     print("\n".join(names))
 
 
-def run_demo(args: argparse.Namespace) -> None:
-    from saekit.capture import CaptureConfig
-
-    args.out = str(DEMO_DIR / "activations")
-    config = CaptureConfig(tokens=args.tokens)
-    print(f"saekit demo: capturing {config.tokens:,} tokens of the default corpus at "
-          f"{', '.join(config.hooks)} of {config.model} into {args.out} (reused if present)")
-    for field in dataclasses.fields(CaptureConfig):
-        setattr(args, field.name, getattr(config, field.name))
-    run_cache(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from saekit.capture import CaptureConfig
     from saekit.train import TrainConfig
@@ -128,10 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     hooks.add_argument("--device", default=None)
     hooks.set_defaults(run=run_hooks)
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default")
-    demo.add_argument("--tokens", type=int, default=600_000)
-    demo.add_argument("--device", default=None)
-    demo.set_defaults(run=run_demo)
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register_cli(sub)
+
     return parser
 
 
