@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import pytest
 import torch
@@ -168,8 +169,8 @@ def test_generate_is_seeded_and_a_huge_clamp_changes_the_text(model, sae):
 
 
 def test_cli_prints_steered_and_unsteered(model, sae, monkeypatch, capsys):
-    import saekit.steer as steer_module
-
+    # the module, not the saekit.steer function that the package exports under the same name
+    steer_module = importlib.import_module("saekit.steer")
     monkeypatch.setattr(steer_module, "load_sae_and_model", lambda folder, device: (sae, model))
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))
