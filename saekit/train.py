@@ -173,7 +173,7 @@ def make_runs(configs: dict[str, SAEConfig], config: TrainConfig, device: torch.
     runs = []
     for name, sae_cfg in configs.items():
         sae = ARCHITECTURES[sae_cfg.architecture](sae_cfg, device=device)
-        optimizer = torch.optim.Adam(sae.parameters(), lr=config.lr)
+        optimizer = torch.optim.Adam(sae.parameter_groups(), lr=config.lr)
         runs.append(Run(name, sae, optimizer,
                         torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)))
     return runs
@@ -247,7 +247,7 @@ def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
             ranks.sum_(parameter.grad)
     run.sae.before_optimizer_step()
     for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(config, step)
+        group["lr"] = learning_rate(config, step) * group["lr_scale"]
     run.optimizer.step()
     run.sae.after_optimizer_step()
     fired = ranks.any_(result.fired)

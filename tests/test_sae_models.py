@@ -323,3 +323,17 @@ def test_load_errors_are_clear(tmp_path):
     del cfg["apply_b_dec_to_input"]
     cfg_path.write_text(json.dumps({**cfg, "architecture": "standard"}))
     assert load_sae(tmp_path / "sae").cfg.apply_b_dec_to_input  # SAELens's default, not saekit's
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_parameter_groups_cover_every_parameter_once(arch):
+    sae = ARCHITECTURES[arch](make_config(arch))
+    groups = sae.parameter_groups()
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in sae.parameters())
+    scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    if arch == "jumprelu":
+        assert scales[id(sae.log_threshold)] == sae.cfg.jumprelu_threshold_lr_scale > 1
+        assert scales[id(sae.W_enc)] == 1.0
+    else:
+        assert set(scales.values()) == {1.0}

@@ -92,6 +92,8 @@ class SAEConfig:
     l0_warmup_fraction: float = 0.05
     jumprelu_bandwidth: float = 0.05  # jumprelu: width of the rectangle kernel
     jumprelu_init_threshold: float = 0.01
+    jumprelu_init_l0: int | None = 64  # jumprelu: thresholds set from data to start at this L0
+    jumprelu_threshold_lr_scale: float = 30.0  # jumprelu: LR multiplier of the log-thresholds
     aux_k: int | None = None  # topk / batchtopk AuxK latents; None: d_in // 2
     aux_coefficient: float = 1 / 32
     dead_tokens_threshold: int = 10_000_000  # for the trainer: a latent idle this long is dead
@@ -234,6 +236,10 @@ class SAE(nn.Module):
         self.W_enc.copy_(directions.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Optimiser parameter groups; each ``lr_scale`` multiplies the trainer's learning rate."""
+        return [{"params": list(self.parameters()), "lr_scale": 1.0}]
 
     def _encode(self, x: Tensor) -> Tensor:
         """Inference activations [n, d_sae] of normalised input ``x`` [n, d_in]."""
