@@ -183,7 +183,7 @@ def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = checkpoint["config"]
     if saved != config.resume_key():
         differ = [f"{k}: checkpoint has {saved.get(k)!r}, asked {v!r}"

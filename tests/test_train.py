@@ -75,7 +75,7 @@ def test_killed_training_resumes_to_identical_weights(train_cache, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < step < 3000, "training was not killed mid-run"
     assert not (killed / "topk_w512_k16" / "sae_weights.safetensors").exists()
 
