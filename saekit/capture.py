@@ -89,10 +89,6 @@ def check_hooks(model, hooks: list[str]) -> int | None:
     return None if None in layers else max(layers) + 1
 
 
-def capture_settings(config: CaptureConfig) -> dict:
-    return asdict(config)
-
-
 def prepare_out_folder(out: Path, settings: dict) -> dict | None:
     """Check ``out`` for a resumable cache; return its manifest (None if starting afresh)."""
     if not out.exists():
@@ -142,7 +138,7 @@ def new_manifest(config: CaptureConfig, model, tokens: torch.Tensor, out: Path) 
     return {
         "format": CACHE_FORMAT,
         "saekit_version": __version__,
-        "settings": capture_settings(config),
+        "settings": asdict(config),
         "model": config.model,
         "hooks": list(config.hooks),
         "d_model": int(model.cfg.d_model),
@@ -188,7 +184,7 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
     made with other settings. Pass ``model`` to reuse a loaded ``TransformerBridge``.
     """
     out = Path(out)
-    settings = capture_settings(config)
+    settings = asdict(config)
     manifest = prepare_out_folder(out, settings)
     if manifest is not None and manifest["complete"]:
         return out

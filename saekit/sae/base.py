@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saekit.errors import SAEConfigError, SAEInputError
-from saekit.files import atomic_path
+from saekit.files import write_json, write_safetensors
 from saekit.sae.kernels import BatchSum, geometric_median
 
 CFG_FILENAME = "cfg.json"
@@ -351,17 +351,15 @@ class SAE(nn.Module):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in self._state_for_saving().items()}
-        _atomic_write(folder / WEIGHTS_FILENAME, lambda path: save_file(state, str(path)))
+        write_safetensors(folder / WEIGHTS_FILENAME, state)
         if firing_frequency is not None:
             log_sparsity = torch.log10(firing_frequency.detach().float().cpu() + 1e-10)
-            _atomic_write(folder / SPARSITY_FILENAME,
-                          lambda path: save_file({"sparsity": log_sparsity.contiguous()}, str(path)))
+            write_safetensors(folder / SPARSITY_FILENAME, {"sparsity": log_sparsity})
         else:
             (folder / SPARSITY_FILENAME).unlink(missing_ok=True)
         cfg = self.cfg.to_saelens_dict(self.saelens_architecture, str(self.W_dec.device))
         cfg["dtype"] = str(self.W_dec.dtype).removeprefix("torch.")
-        _atomic_write(folder / CFG_FILENAME,
-                      lambda path: path.write_text(json.dumps(cfg, indent=2) + "\n"))
+        write_json(folder / CFG_FILENAME, cfg)
         return folder
 
     @staticmethod
@@ -407,11 +405,6 @@ class SAE(nn.Module):
 
     def _centred(self, x: Tensor) -> Tensor:
         return x if self._b_dec_in() is None else x - self.b_dec
-
-
-def _atomic_write(path: Path, write) -> None:
-    with atomic_path(path) as tmp:
-        write(tmp)
 
 
 def load_sae(folder: str | Path, device: torch.device | str | None = None) -> SAE:
