@@ -247,3 +247,17 @@ class ActivationStream:
                 skip = 0
             epoch += 1
 
+
+
+def leading_activations(cache: ActivationCache, n_tokens: int = 8192,
+                        hook: str | None = None) -> torch.Tensor:
+    """The first ``n_tokens`` non-BOS activations of the cache, in order, ``[n, d_model]``
+    float32: a sample of ordinary text (the corpus is shuffled at capture), e.g. the
+    reference of a mean-difference direction."""
+    parts, have = [], 0
+    for acts in ActivationStream(cache, batch_size=1, hook=hook).in_order():
+        parts.append(acts[:n_tokens - have])
+        have += len(parts[-1])
+        if have >= n_tokens:
+            break
+    return torch.cat(parts)

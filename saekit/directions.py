@@ -8,6 +8,7 @@ that feature search uses as a base rate); ``analyse`` does not import this modul
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,7 +123,39 @@ def feature_map(sae, feature: int, n_neighbours: int = 50) -> tuple[Tensor, Tens
     return ids, coords * torch.where(coords[0] < 0, -1.0, 1.0)  # the feature on the + side
 
 
-# --- search ------------------------------------------------------------------------------------
+# --- texts: activations, mean-difference direction, search -------------------------------------
+
+@torch.inference_mode()
+def text_activations(model, hook: str, texts: Sequence[str]) -> Tensor:
+    """Activations at ``hook`` of each text's tokens (BOS first, then dropped), concatenated:
+    ``[tokens, d_model]``."""
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise AnalysisInputError("Give non-empty texts to run the model on.")
+    tokenizer = model.tokenizer
+    out = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1)
+        out.append(model_activations(model, hook, ids)[0, 1:])
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def mean_difference_direction(model, hook: str, texts: Sequence[str], reference: Tensor) -> Tensor:
+    """``mean(activations on texts) - mean(reference)`` ``[d_model]``, float32.
+
+    ``reference`` [tokens, d_model]: activations of ordinary text at ``hook`` (e.g. a batch
+    from the activation cache, BOS positions left out). Added to the residual stream (a
+    ``saekit.steer.SteeringVector``) it moves an average position to the texts' average: the
+    classic activation-steering baseline that SAE-feature steering is measured against.
+    """
+    concept = text_activations(model, hook, texts).float()
+    reference = reference.reshape(-1, reference.shape[-1]).float()
+    if reference.shape[-1] != concept.shape[-1] or len(reference) == 0:
+        raise AnalysisInputError(f"reference of shape {tuple(reference.shape)} does not match "
+                                 f"the activations at {hook!r} (d_model = {concept.shape[-1]}).")
+    return concept.mean(0).cpu() - reference.mean(0).cpu()
+
 
 @torch.inference_mode()
 def search_features(sae, model_or_acts, text: str | None = None, cache=None,
@@ -151,12 +184,7 @@ def search_features(sae, model_or_acts, text: str | None = None, cache=None,
     if isinstance(model_or_acts, Tensor):
         acts = model_or_acts.reshape(-1, model_or_acts.shape[-1])
     else:
-        if text is None or not text.strip():
-            raise AnalysisInputError("search_features needs a non-empty text to run the model on.")
-        tokenizer = model_or_acts.tokenizer
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), ids], 1)
-        acts = model_activations(model_or_acts, model_hook(sae), ids)[0, 1:]
+        acts = text_activations(model_or_acts, model_hook(sae), [text])
     if acts.shape[-1] != sae.d_in or len(acts) == 0:
         raise AnalysisInputError(f"Activations of shape {tuple(acts.shape)} do not fit this SAE "
                                  f"(d_in = {sae.d_in}, at least one token).")

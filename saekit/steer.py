@@ -82,15 +82,21 @@ class Intervention:
     def is_empty(self) -> bool:
         return not (self.clamp or self.add or self.ablate)
 
+    @property
+    def width(self) -> int:
+        return self.sae.d_in
+
     def check(self, model) -> None:
         """Raise if the hook is not in ``model`` or a residual hook's width is not d_in."""
-        from saekit.capture import check_hooks
+        check_hook_width(model, self.hook_name, self.sae.d_in, "The SAE takes d_in =")
 
-        check_hooks(model, [self.hook_name])
-        d_model = getattr(model.cfg, "d_model", None)
-        if self.hook_name.endswith(RESID_HOOK_SUFFIXES) and d_model not in (None, self.sae.d_in):
-            raise SteeringError(f"The SAE takes d_in = {self.sae.d_in}, but {self.hook_name!r} has "
-                                f"width d_model = {d_model}: use an SAE trained on this model.")
+    def apply(self, x: Tensor) -> Tensor:
+        """Steered ``x`` [n, d_in]: the edited latents decoded, plus the SAE's error term."""
+        sae = self.sae
+        x_sae = x.to(sae.W_dec.device, sae.W_dec.dtype)
+        latents = sae.encode(x_sae)
+        error = x_sae - sae.decode(latents)
+        return (sae.decode(self.edit(latents)) + error).to(x.device, x.dtype)
 
     def edit(self, acts: Tensor) -> Tensor:
         """``acts`` [..., d_sae] with clamp and ablate set, then add applied (a new tensor)."""
@@ -122,6 +128,56 @@ class Intervention:
         if not math.isfinite(value):
             raise SteeringError(f"{what} values must be finite, got {value}.")
         return value
+
+
+@dataclass
+class SteeringVector:
+    """Adds ``scale * vector`` [d_model] to the activations at ``hook``: steering without an SAE
+    (e.g. a ``mean_difference_direction``), the baseline SAE-feature steering is measured
+    against. It takes the same ``positions`` as SAE interventions."""
+
+    vector: Tensor
+    hook: str
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vector, Tensor) or self.vector.ndim != 1:
+            raise SteeringError("SteeringVector.vector must be a 1-D tensor [d_model], got "
+                                f"{getattr(self.vector, 'shape', type(self.vector).__name__)}.")
+        if not bool(torch.isfinite(self.vector).all()):
+            raise SteeringError("SteeringVector.vector holds NaN or inf values.")
+        self.scale = Intervention._value(self.scale, "scale")
+
+    @property
+    def hook_name(self) -> str:
+        return self.hook
+
+    @property
+    def width(self) -> int:
+        return self.vector.shape[0]
+
+    @property
+    def is_empty(self) -> bool:
+        return self.scale == 0 or not bool(self.vector.any())
+
+    def check(self, model) -> None:
+        """Raise if the hook is not in ``model`` or a residual hook's width is not the vector's."""
+        check_hook_width(model, self.hook, self.width, "The steering vector has width")
+
+    def apply(self, x: Tensor) -> Tensor:
+        """``x`` [n, d_model] + scale * vector."""
+        return x + (self.scale * self.vector).to(x.device, x.dtype)
+
+
+def check_hook_width(model, hook: str, width: int, what: str) -> None:
+    """Raise if ``hook`` is not in ``model``, or is a residual hook whose width is not ``width``."""
+    from saekit.capture import check_hooks
+
+    check_hooks(model, [hook])
+    d_model = getattr(model.cfg, "d_model", None)
+    if hook.endswith(RESID_HOOK_SUFFIXES) and d_model not in (None, width):
+        raise SteeringError(f"{what} {width}, but {hook!r} has width d_model = {d_model}: use "
+                            "one made for this model.")
 
 
 def _mapping(edits: Any, what: str) -> Mapping:
@@ -189,24 +245,20 @@ class PositionTracker:
         return keep if bool(keep.any()) else None
 
 
-def make_hook(intervention: Intervention, tracker: PositionTracker):
-    """The forward hook ``fn(act [batch, pos, ..., d_in], hook) -> act`` applying the edits."""
-    sae = intervention.sae
+def make_hook(intervention: Intervention | SteeringVector, tracker: PositionTracker):
+    """The forward hook ``fn(act [batch, pos, ..., width], hook) -> act`` applying the edits at
+    the positions ``tracker`` selects (the others are returned as they were)."""
 
     def steer_hook(act: Tensor, hook) -> Tensor:
-        if act.ndim < 3 or act.shape[-1] != sae.d_in:
-            raise SteeringError(f"The SAE takes d_in = {sae.d_in}, but hook "
+        if act.ndim < 3 or act.shape[-1] != intervention.width:
+            raise SteeringError(f"The intervention takes width {intervention.width}, but hook "
                                 f"{intervention.hook_name!r} gives activations of shape "
                                 f"{tuple(act.shape)}.")
         mask = tracker.mask(act)
         if mask is None:
             return act
-        x = act[mask].to(sae.W_dec.device, sae.W_dec.dtype)
-        latents = sae.encode(x)
-        error = x - sae.decode(latents)
-        steered = sae.decode(intervention.edit(latents)) + error
         out = act.clone()
-        out[mask] = steered.to(act.device, act.dtype)
+        out[mask] = intervention.apply(act[mask])
         return out
 
     return steer_hook
@@ -214,10 +266,10 @@ def make_hook(intervention: Intervention, tracker: PositionTracker):
 
 def interventions_from(items: Sequence[Any], clamp: Mapping[int, float] | None = None,
                        add: Mapping[int, float] | None = None, ablate: Sequence[int] | None = None,
-                       hook: str | None = None) -> list[Intervention]:
-    """Normalise ``steer``'s positional arguments into a list of ``Intervention``.
+                       hook: str | None = None) -> list[Intervention | SteeringVector]:
+    """Normalise ``steer``'s positional arguments into a list of interventions.
 
-    Items: ``Intervention``, ``(sae, {"clamp": ..., "add": ..., "ablate": ..., "hook": ...})``,
+    Items: ``Intervention``, ``SteeringVector``, ``(sae, {"clamp": ..., "add": ..., "ablate": ..., "hook": ...})``,
     a bare ``SAE`` (which takes the keyword edits; at most one), or a list of these.
     """
     flat: list[Any] = []
@@ -233,7 +285,7 @@ def interventions_from(items: Sequence[Any], clamp: Mapping[int, float] | None =
                             "SAE with them, or Intervention(sae, clamp=...) objects.")
     out = []
     for item in flat:
-        if isinstance(item, Intervention):
+        if isinstance(item, (Intervention, SteeringVector)):
             out.append(item)
         elif isinstance(item, SAE):
             out.append(Intervention(item, clamp or {}, add or {}, ablate or (), hook))
@@ -245,7 +297,8 @@ def interventions_from(items: Sequence[Any], clamp: Mapping[int, float] | None =
                                     "ablate, hook.")
             out.append(Intervention(sae, **edits))
         else:
-            raise SteeringError(f"steer takes SAEs, Interventions or (sae, edits) pairs, got "
+            raise SteeringError(f"steer takes SAEs, Interventions, SteeringVectors or (sae, "
+                                f"edits) pairs, got "
                                 f"{type(item).__name__}.")
     return out
 
@@ -263,7 +316,8 @@ def steer(model, *interventions: Any, clamp: Mapping[int, float] | None = None,
     """Steer ``model`` (a ``TransformerBridge``) through SAE latents while the context is open.
 
     ``with steer(model, sae, clamp={f: 8.0}):`` or ``with steer(model, Intervention(sae1, ...),
-    (sae2, {"ablate": [3]}), positions="generated"):``. Forward passes, ``run_with_cache`` and
+    (sae2, {"ablate": [3]}), SteeringVector(v, "blocks.6.hook_resid_post"),
+    positions="generated"):``. Forward passes, ``run_with_cache`` and
     ``model.generate`` inside are steered; several interventions on one hook apply in order.
     Edits (see the module docstring): clamp and ablate set latents, add is applied after them.
     ``positions``: ``"all"`` steers every position except position 0 / BOS tokens (when
@@ -297,28 +351,34 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def sample_tokens(model, tokens: Tensor, interventions: Sequence[Intervention] = (),
+def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequence[Any] = (),
                   max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0,
                   positions: Positions = "all") -> Tensor:
-    """New tokens [batch, <= max_new_tokens] sampled after ``tokens`` [batch, prompt], steered.
+    """New tokens [batch, <= max_new_tokens] sampled after ``prompts``, steered.
 
-    Sampling is seeded (the global RNG is left as it was); ``temperature`` 0 is greedy. Rows
-    that stop early are padded with EOS.
+    ``prompts``: token ids [batch, prompt], or texts, which are generated as one batch, left-
+    padded (BOS first) with an attention mask. Sampling is seeded (the global RNG is left as it
+    was); ``temperature`` 0 is greedy. Rows that stop early are padded with EOS.
     """
     if not temperature >= 0:
         raise SteeringError(f"temperature must be >= 0, got {temperature}.")
     if max_new_tokens < 1:
         raise SteeringError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     device = model_device(model)
-    tokens = tokens.to(device)
+    if isinstance(prompts, Tensor):
+        inputs, width, padding = prompts.to(device), prompts.shape[1], {}
+    else:
+        inputs = list(prompts)
+        width = model.to_tokens(inputs, padding_side="left").shape[1]
+        padding = {"padding_side": "left"}
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
         torch.manual_seed(seed)
         with steer(model, *interventions, positions=positions):
-            out = model.generate(tokens, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+            out = model.generate(inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                  temperature=temperature if temperature > 0 else 1.0,
-                                 return_type="tokens", verbose=False)
-    return out[:, tokens.shape[1]:]
+                                 return_type="tokens", verbose=False, **padding)
+    return out[:, width:]
 
 
 def generate(model, prompt: str, sae: SAE | None = None,

@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -115,21 +116,24 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 @torch.no_grad()
-def measure_setting(model, interventions: Sequence[Intervention], prompts: Sequence[str],
+def measure_setting(model, interventions: Sequence[Any], prompts: Sequence[str],
                     pattern: re.Pattern, neutral_tokens: Sequence[Tensor],
                     neutral_base: Sequence[Tensor], max_new_tokens: int,
                     samples_per_prompt: int, temperature: float, seed: int,
                     positions: Positions) -> dict:
-    """Mention rate, perplexity and neutral KL of one steering setting (no edits: unsteered)."""
+    """Mention rate, perplexity and neutral KL of one steering setting (no edits: unsteered).
+
+    All generations (``samples_per_prompt`` per prompt) are sampled as one left-padded batch.
+    """
     stop_ids = stop_token_ids(model)
+    batch = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
+    new = sample_tokens(model, batch, interventions, max_new_tokens, temperature, seed, positions)
+    lengths = continuation_lengths(new, stop_ids)
     samples, nlls = [], []
     for index, prompt in enumerate(prompts):
-        prompt_tokens = model.to_tokens(prompt)
-        new = sample_tokens(model, prompt_tokens.repeat(samples_per_prompt, 1), interventions,
-                            max_new_tokens, temperature, seed + index, positions)
-        lengths = continuation_lengths(new, stop_ids)
-        row_nll = continuation_nll(model, prompt_tokens, new, lengths)
-        for row, n, nll in zip(new.tolist(), lengths, row_nll):
+        rows = slice(index * samples_per_prompt, (index + 1) * samples_per_prompt)
+        row_nll = continuation_nll(model, model.to_tokens(prompt), new[rows], lengths[rows])
+        for row, n, nll in zip(new[rows].tolist(), lengths[rows], row_nll):
             text = model.tokenizer.decode(row[:n], skip_special_tokens=True)
             samples.append({"prompt": prompt, "text": text, "mentions": bool(pattern.search(text)),
                             "perplexity": None if math.isnan(nll) else math.exp(nll)})
@@ -149,6 +153,41 @@ def measure_setting(model, interventions: Sequence[Intervention], prompts: Seque
     }
 
 
+def steering_sweep(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str],
+                   concept_keywords: Sequence[str], max_new_tokens: int = 30,
+                   samples_per_prompt: int = 4, temperature: float = 0.7, seed: int = 0,
+                   neutral_texts: Sequence[str] | None = None, positions: Positions = "all",
+                   baseline: bool = True) -> dict:
+    """``measure_setting`` for each plan (a list of ``Intervention`` / ``SteeringVector``):
+    ``{"settings": ..., "baseline": unsteered or None, "curve": [one dict per plan]}``.
+
+    Every setting samples with the same ``seed``, so settings differ only by the steering.
+    """
+    if not plans:
+        raise SteeringError("Give at least one steering setting.")
+    if not prompts:
+        raise SteeringError("Give at least one prompt.")
+    if samples_per_prompt < 1:
+        raise SteeringError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}.")
+    for plan in plans:
+        for intervention in plan:
+            intervention.check(model)
+    neutral = list(neutral_texts) if neutral_texts is not None else read_prompts()
+    neutral_tokens = [model.to_tokens(text) for text in neutral]
+    neutral_base = [next_token_logprobs(model, tokens) for tokens in neutral_tokens]
+    common = {"prompts": prompts, "pattern": keyword_pattern(concept_keywords),
+              "neutral_tokens": neutral_tokens, "neutral_base": neutral_base,
+              "max_new_tokens": max_new_tokens, "samples_per_prompt": samples_per_prompt,
+              "temperature": temperature, "seed": seed, "positions": positions}
+    return {
+        "settings": {"max_new_tokens": max_new_tokens, "samples_per_prompt": samples_per_prompt,
+                     "temperature": temperature, "seed": seed, "positions": positions,
+                     "prompts": list(prompts), "neutral_texts": neutral},
+        "baseline": measure_setting(model, [], **common) if baseline else None,
+        "curve": [measure_setting(model, plan, **common) for plan in plans],
+    }
+
+
 def steering_curve(model, sae: SAE, feature: int, values: Sequence[float],
                    prompts: Sequence[str], concept_keywords: Sequence[str],
                    max_new_tokens: int = 30, samples_per_prompt: int = 4,
@@ -157,8 +196,8 @@ def steering_curve(model, sae: SAE, feature: int, values: Sequence[float],
                    baseline: bool = True, out: str | Path | None = None) -> dict:
     """Clamp ``feature`` to each of ``values`` (SAE activation units) and measure, per value:
 
-    - ``mention_rate``: fraction of generations (``samples_per_prompt`` per prompt, seeded:
-      prompt i uses seed + i at every value) mentioning any of ``concept_keywords``;
+    - ``mention_rate``: fraction of generations (``samples_per_prompt`` per prompt, one seeded
+      batch, the same seed at every value) mentioning any of ``concept_keywords``;
     - ``perplexity``: mean over generations of the continuation's perplexity under the
       unsteered model (prompt + continuation scored, loss on the continuation only);
     - ``kl_neutral``: mean KL(unsteered || steered) of next-token distributions over the
@@ -170,21 +209,10 @@ def steering_curve(model, sae: SAE, feature: int, values: Sequence[float],
     """
     if not values:
         raise SteeringError("Give at least one clamp value.")
-    if not prompts:
-        raise SteeringError("Give at least one prompt.")
-    if samples_per_prompt < 1:
-        raise SteeringError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}.")
     plans = [[Intervention(sae, clamp={feature: value})] for value in values]
-    for plan in plans:
-        plan[0].check(model)
-    pattern = keyword_pattern(concept_keywords)
-    neutral = list(neutral_texts) if neutral_texts is not None else read_prompts()
-    neutral_tokens = [model.to_tokens(text) for text in neutral]
-    neutral_base = [next_token_logprobs(model, tokens) for tokens in neutral_tokens]
-    common = {"prompts": prompts, "pattern": pattern, "neutral_tokens": neutral_tokens,
-              "neutral_base": neutral_base, "max_new_tokens": max_new_tokens,
-              "samples_per_prompt": samples_per_prompt, "temperature": temperature,
-              "seed": seed, "positions": positions}
+    sweep = steering_sweep(model, plans, prompts, concept_keywords, max_new_tokens,
+                           samples_per_prompt, temperature, seed, neutral_texts, positions,
+                           baseline)
     result = {
         "feature": int(feature),
         "hook": plans[0][0].hook_name,
@@ -192,12 +220,9 @@ def steering_curve(model, sae: SAE, feature: int, values: Sequence[float],
         "d_sae": sae.d_sae,
         "concept_keywords": list(concept_keywords),
         "values": [float(v) for v in values],
-        "settings": {"max_new_tokens": max_new_tokens, "samples_per_prompt": samples_per_prompt,
-                     "temperature": temperature, "seed": seed, "positions": positions,
-                     "prompts": list(prompts), "neutral_texts": neutral},
-        "baseline": measure_setting(model, [], **common) if baseline else None,
-        "curve": [{"value": float(value), **measure_setting(model, plan, **common)}
-                  for value, plan in zip(values, plans)],
+        "settings": sweep["settings"],
+        "baseline": sweep["baseline"],
+        "curve": [{"value": float(value), **point} for value, point in zip(values, sweep["curve"])],
     }
     if out is not None:
         write_report(result, out)

@@ -120,8 +120,11 @@ def test_density_trains_or_reads_saes(tiny_cache, tiny_sae, tmp_path):
 def test_steering_curve_at_multiples_of_the_max(tiny_cache, tiny_sae, tmp_path):
     run_script("steering_curve", tmp_path, "--activations", str(tiny_cache), *TINY,
                "--sae", str(tiny_sae), "--prompts", "2", "--max-new-tokens", "3",
-               "--multiples", "0,4", "--stats-rows", "32")
+               "--multiples", "0,4", "--vector-scales", "0,3", "--stats-rows", "32")
     result = outputs(tmp_path, "steering_curve")
+    vectors = result["mean_difference"]["curve"]
+    assert [row["scale"] for row in vectors] == [0, 3] and result["mean_difference"]["norm"] > 0
+    assert vectors[0]["kl_neutral"] == 0 < vectors[1]["kl_neutral"]
     peak = result["max_activation"]
     assert peak > 0 and result["feature"] == result["concept"]["feature"]
     assert [row["value"] for row in result["curve"]] == pytest.approx([0.0, 4 * peak])

@@ -10,8 +10,9 @@ import torch
 
 from saekit import HookNameError
 from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
-from saekit.steer import (Intervention, PositionTracker, SteeringError, generate, register_cli,
-                          steer)
+from saekit.directions import mean_difference_direction
+from saekit.steer import (Intervention, PositionTracker, SteeringError, SteeringVector, generate,
+                          register_cli, sample_tokens, steer)
 
 HOOK = "blocks.6.hook_resid_post"
 PROMPT = "My favourite place is"
@@ -182,6 +183,41 @@ def test_cli_prints_steered_and_unsteered(model, sae, monkeypatch, capsys):
     assert out.count(PROMPT) == 2
 
 
+def test_steering_vector_adds_its_scaled_vector_except_at_bos(model, tokens, clean):
+    vector = torch.linspace(-1, 1, 640)
+    x = steered_activation(model, tokens, SteeringVector(vector, HOOK, scale=300.0))
+    assert torch.equal(x[0], clean[1][0])  # BOS untouched
+    torch.testing.assert_close(x[1:], clean[1][1:] + 300.0 * vector, rtol=1e-6, atol=1e-3)
+    assert no_steering_left(model)
+    for empty in (SteeringVector(vector, HOOK, scale=0.0), SteeringVector(0 * vector, HOOK)):
+        with steer(model, empty):
+            assert torch.equal(model(tokens), clean[0])
+
+
+def test_mean_difference_direction_is_the_difference_of_means(model):
+    texts = ["The Golden Gate Bridge", "San Francisco Bay at dusk"]
+    reference = torch.randn(50, 640) * 100
+    acts = [model.run_with_cache(model.to_tokens(t), names_filter=HOOK)[1][HOOK][0, 1:]
+            for t in texts]
+    expected = torch.cat(acts).mean(0) - reference.mean(0)
+    got = mean_difference_direction(model, HOOK, texts, reference)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-2)
+
+
+def test_batched_generation_matches_one_prompt_at_a_time(model, sae):
+    """Text prompts are generated as one left-padded batch; greedy, each row equals the same
+    prompt generated alone, unsteered and steered (the padding is masked, BOS skipped)."""
+    prompts = ["Tell me about your weekend.", "I think that", PROMPT]
+    vector = SteeringVector(torch.linspace(-1, 1, 640), HOOK, scale=100.0)
+    for plan in ([], [Intervention(sae, clamp={3: 50.0})], [vector]):
+        batch = sample_tokens(model, prompts, plan, max_new_tokens=5, temperature=0)
+        for prompt, row in zip(prompts, batch):
+            alone = sample_tokens(model, model.to_tokens(prompt), plan, max_new_tokens=5,
+                                  temperature=0)
+            assert row.tolist() == alone[0].tolist(), (prompt, plan)
+    assert no_steering_left(model)
+
+
 def test_bad_input_gets_clear_errors(model, sae):
     with pytest.raises(SteeringError, match="d_sae = 512"):
         steer(model, sae, clamp={512: 1.0}).__enter__()
@@ -202,4 +238,10 @@ def test_bad_input_gets_clear_errors(model, sae):
         steer(model, narrow, clamp={1: 1.0}).__enter__()
     with pytest.raises(SteeringError, match="need an sae"):
         generate(model, PROMPT, clamp={1: 1.0})
+    with pytest.raises(SteeringError, match="1-D tensor"):
+        SteeringVector(torch.zeros(2, 640), HOOK)
+    with pytest.raises(SteeringError, match="NaN or inf"):
+        SteeringVector(torch.full((640,), float("inf")), HOOK)
+    with pytest.raises(SteeringError, match="width 64, but"):
+        steer(model, SteeringVector(torch.ones(64), HOOK)).__enter__()
     assert no_steering_left(model)

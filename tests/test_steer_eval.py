@@ -6,11 +6,12 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
-from saekit.steer import SteeringError
+from saekit.steer import Intervention, SteeringError, SteeringVector
 from saekit.steer_eval import (RESULT_JSON, RESULT_PNG, keyword_pattern, mention_rate,
-                               read_prompts, register_cli, steering_curve)
+                               read_prompts, register_cli, steering_curve, steering_sweep)
 
 HOOK = "blocks.6.hook_resid_post"
 CONCEPT = ["Golden Gate", "San Francisco", "bridge"]
@@ -67,6 +68,22 @@ def test_steering_curve_writes_json_and_png(model, sae, tmp_path):
     assert written["baseline"]["kl_neutral"] == 0
     assert written["curve"][1]["kl_neutral"] > written["curve"][0]["kl_neutral"] >= 0
     assert written["curve"][1]["perplexity"] > written["baseline"]["perplexity"]
+
+
+def test_steering_sweep_measures_vectors_and_features_alike(model, sae):
+    prompts = ["I think that", "My favourite place is"]
+    vector = SteeringVector(torch.linspace(-1, 1, 640), HOOK)
+    plans = [[SteeringVector(vector.vector, HOOK, 0.0)], [SteeringVector(vector.vector, HOOK, 1e3)],
+             [Intervention(sae, clamp={3: 0.0})]]
+    sweep = steering_sweep(model, plans, prompts, CONCEPT, max_new_tokens=4, samples_per_prompt=2,
+                           neutral_texts=["Tell me about your weekend."])
+    base, (zero, strong, clamp0) = sweep["baseline"], sweep["curve"]
+    assert [s["text"] for s in zero["samples"]] == [s["text"] for s in base["samples"]]
+    assert zero["kl_neutral"] == 0 and strong["kl_neutral"] > 0.1 and clamp0["kl_neutral"] >= 0
+    assert [s["prompt"] for s in strong["samples"]] == [p for p in prompts for _ in range(2)]
+    assert all(row["n_generations"] == 4 for row in sweep["curve"])
+    with pytest.raises(SteeringError, match="at least one steering setting"):
+        steering_sweep(model, [], prompts, CONCEPT)
 
 
 def test_cli_values_relative_needs_max_activation(tmp_path):
