@@ -42,8 +42,11 @@ class DemoConfig:
     """What ``saekit demo`` runs. The CLI's ``saekit demo`` flags are these fields."""
 
     out: str = "runs/demo"
-    tokens: int = 600_000  # captured; the last 65,536 are held out of training
+    tokens: int = 600_000  # captured; the last holdout_tokens are held out of training
     train_tokens: int = 500_000
+    shard_rows: int = 512  # rows of 128 tokens per cache shard
+    holdout_tokens: int = 65_536
+    batch_size: int = 1024
     latents: int = 4096
     k: int = 32
     concept_texts: list[str] = field(default_factory=lambda: list(GOLDEN_GATE_TEXTS),
@@ -60,8 +63,10 @@ class DemoConfig:
     device: str | None = None
 
 
-def section(title: str) -> None:
-    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+def section(title: str, started: float) -> None:
+    """A section header, with the seconds since ``started`` (a ``time.perf_counter()``)."""
+    elapsed = f" [{time.perf_counter() - started:.0f} s]"
+    print(f"\n=== {title} " + "=" * max(0, 64 - len(title)) + elapsed, flush=True)
 
 
 def train_or_reuse(config: DemoConfig, activations: Path) -> Path:
@@ -71,7 +76,8 @@ def train_or_reuse(config: DemoConfig, activations: Path) -> Path:
     if not (folder / "train_summary.json").exists():
         train(TrainConfig(activations=str(activations), out=str(folder.parent),
                           arch=["topk"], latents=[config.latents], k=[config.k],
-                          tokens=config.train_tokens, seed=config.seed, device=config.device))
+                          tokens=config.train_tokens, holdout_tokens=config.holdout_tokens,
+                          batch_size=config.batch_size, seed=config.seed, device=config.device))
     return folder
 
 
@@ -102,22 +108,22 @@ def run_demo(config: DemoConfig) -> dict:
     out = Path(config.out)
     model = load_model(device=config.device)
 
-    section("1. capture")
+    section("1. capture", started)
     activations = out / "activations"
-    capture_activations(CaptureConfig(tokens=config.tokens, seed=config.seed), activations,
-                        model=model)
+    capture_activations(CaptureConfig(tokens=config.tokens, seed=config.seed,
+                                      shard_rows=config.shard_rows), activations, model=model)
     cache = ActivationCache.open(activations)
     print(f"{cache.manifest['n_tokens']:,} tokens of the default corpus at "
           f"{', '.join(cache.hooks)} in {activations}")
 
-    section("2. train a TopK SAE")
+    section("2. train a TopK SAE", started)
     sae_dir = train_or_reuse(config, activations)
     sae = load_sae(sae_dir, device=config.device)
     summary = json.loads((sae_dir / "train_summary.json").read_text())["held_out"]
     print(f"{sae_dir.name}: held-out FVU {summary['fvu']:.3f}, L0 {summary['l0']:.0f}, "
           f"dead {100 * summary['dead_fraction_training']:.1f}% -> {sae_dir}")
 
-    section("3. find the Golden Gate feature")
+    section("3. find the Golden Gate feature", started)
     stats = feature_statistics(sae, cache, max_rows=config.statistics_rows)
     hits = search_features(sae, model, text="\n".join(config.concept_texts), statistics=stats,
                            top=5)
@@ -128,7 +134,7 @@ def run_demo(config: DemoConfig) -> dict:
     max_activation = float(stats.max_activation[feature])
     print(f"-> feature {feature} (max activation on the corpus sample {max_activation:.2f})")
 
-    section(f"4. feature {feature}: top-activating texts and logit lens")
+    section(f"4. feature {feature}: top-activating texts and logit lens", started)
     examples = top_activating_examples(sae, cache, [feature], n_examples=6,
                                        tokenizer=model.tokenizer,
                                        max_rows=config.statistics_rows)[feature]
@@ -138,14 +144,14 @@ def run_demo(config: DemoConfig) -> dict:
     print("promotes: " + ", ".join(repr(t) for t, _ in promoted))
     print("suppresses: " + ", ".join(repr(t) for t, _ in suppressed))
 
-    section("5. dashboard")
+    section("5. dashboard", started)
     neighbours = [f for f, _ in nearest_features(sae, feature, k=5)]
     dashboard = write_dashboard(out / "dashboard", model, sae, cache,
                                 [feature, *[h.feature for h in hits[1:]], *neighbours],
                                 n_examples=12, max_rows=config.statistics_rows)
     print(f"open {dashboard / f'feature_{feature}.html'} (index: {dashboard / 'index.html'})")
 
-    section("6. steering: unsteered vs clamped")
+    section("6. steering: unsteered vs clamped", started)
     values = [m * max_activation for m in config.clamp_multiples]
     prompts = read_prompts()
     curve = steering_curve(model, sae, feature, values, prompts, config.keywords,
@@ -156,7 +162,7 @@ def run_demo(config: DemoConfig) -> dict:
         for m, v, point in zip(config.clamp_multiples, values, curve["curve"])]
     show_generations(prompts[:config.shown_prompts], settings)
 
-    section("7. for comparison: a mean-difference steering vector (no SAE)")
+    section("7. for comparison: a mean-difference steering vector (no SAE)", started)
     hook = sae.cfg.metadata.hook_name
     reference = leading_activations(cache, hook=hook)
     direction = mean_difference_direction(model, hook, config.concept_texts, reference)
@@ -170,7 +176,7 @@ def run_demo(config: DemoConfig) -> dict:
                        for scale, point in zip(config.vector_scales, sweep["curve"])]
     show_generations(prompts[:config.shown_prompts], vector_settings)
 
-    section("8. measured")
+    section("8. measured", started)
     mentions = concept_mentions(cache, model.tokenizer, config.keywords)
     print(f"the {cache.manifest['n_tokens']:,} captured tokens mention the concept "
           + ", ".join(f"{k!r} {n}x" for k, n in mentions.items()))

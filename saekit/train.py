@@ -56,7 +56,7 @@ class TrainConfig:
     hook: str | None = None
     normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
     dead_tokens: int = 50_000  # a latent idle this many tokens counts as dead (AuxK, reports)
-    aux_coefficient: float = 1 / 32  # topk/batchtopk AuxK loss weight; 0 disables AuxK
+    aux_coefficient: float = 1 / 32  # dead-latent aux loss (AuxK; jumprelu pre-act); 0: off
     holdout_tokens: int = 65_536  # the cache's last shards, this many tokens, kept for evaluation
     buffer_tokens: int = 1 << 18
     seed: int = 0
@@ -217,6 +217,12 @@ def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream,
         start, end = cache.shard_rows(cache.n_shards - 1 - holdout)
         held += (end - start) * cache.context
         holdout += 1
+    if config.holdout_tokens > 0 and holdout == 0:
+        raise TrainingError(
+            f"The cache in {config.activations} has {cache.n_shards} shard, so none can be held "
+            f"out for evaluation (--holdout-tokens {config.holdout_tokens}): capture more tokens "
+            "or smaller shards (saekit cache --shard-rows), or pass --holdout-tokens 0 to skip "
+            "the held-out evaluation.")
     train_shards = list(range(cache.n_shards - holdout))
     stream = ActivationStream(cache, config.batch_size, config.hook, config.seed,
                               config.buffer_tokens, shards=train_shards)
@@ -302,20 +308,22 @@ def train(config: TrainConfig) -> dict[str, Path]:
     saved = {}
     if ranks.rank == 0:
         save_checkpoint(out, config, config.steps, runs)
-        held_out = ActivationStream(cache, config.batch_size, stream.hook, shards=holdout)
+        held_out = (ActivationStream(cache, config.batch_size, stream.hook, shards=holdout)
+                    if holdout else None)
         for run in runs:
             saved[run.name] = finish_run(run, out, held_out, config)
         writer.close()
     return saved
 
 
-def finish_run(run: Run, out: Path, held_out: ActivationStream, config: TrainConfig) -> Path:
-    """Fold the input scale into the weights, evaluate on held-out shards, save."""
+def finish_run(run: Run, out: Path, held_out: ActivationStream | None,
+               config: TrainConfig) -> Path:
+    """Fold the input scale into the weights, evaluate on held-out shards (if any), save."""
     sae = run.sae
     sae.fold_activation_scale()
-    metrics = reconstruction_metrics(sae, held_out.in_order())
+    metrics = reconstruction_metrics(sae, held_out.in_order()) if held_out else {}
     metrics["dead_fraction_training"] = float(run.dead_mask(config.dead_tokens).float().mean())
-    folder = sae.save(out / run.name, firing_frequency=metrics.pop("firing_frequency"))
+    folder = sae.save(out / run.name, firing_frequency=metrics.pop("firing_frequency", None))
     write_json(folder / "train_summary.json", {"name": run.name, "steps": config.steps,
                                               "tokens": config.steps * config.batch_size,
                                               "held_out": metrics})

@@ -149,6 +149,24 @@ def test_cache_smaller_than_one_batch(train_cache, tmp_path):
                           tokens=16384 * 2, batch_size=16384))
 
 
+def test_single_shard_cache_cannot_hold_out(train_cache, tmp_path):
+    cache = tmp_path / "acts"
+    shutil.copytree(train_cache, cache)
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["shards"] = manifest["shards"][:1]
+    manifest["n_rows"] = manifest["shards"][0]["rows"][1]
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    config = TrainConfig(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
+                         k=[8], tokens=256, batch_size=64, holdout_tokens=1024)
+    with pytest.raises(TrainingError, match="1 shard, so none can be held out.*--holdout-tokens 0"):
+        train(config)
+    config.holdout_tokens = 0
+    folder = train(config)["topk_w256_k8"]
+    summary = json.loads((folder / "train_summary.json").read_text())
+    assert set(summary["held_out"]) == {"dead_fraction_training"}
+    assert not (folder / "sparsity.safetensors").exists()
+
+
 def test_cli_reports_training_errors(tmp_path, capsys):
     from saekit.cli import main
 

@@ -9,6 +9,13 @@ straight-through pseudo-derivatives through a rectangle kernel K of bandwidth ep
 d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps) and d H / d theta = -(1 / eps) K(...),
 while z gets the ordinary gradient of JumpReLU (``H(z - theta)``) and none from the L0 term.
 
+Dead latents (``dead_mask`` from the trainer: idle for ``dead_tokens_threshold`` tokens) get
+no gradient from either term, so nothing revives them. With ``aux_coefficient`` > 0 an
+auxiliary pre-activation loss does, in the spirit of Anthropic's January 2025 pre-act loss but
+only on dead latents (as AuxK is): ``aux = E mean_{dead i} relu(theta_i - z_i)``, which raises
+their pre-activations and lowers their thresholds until they fire; it is zero when none are
+dead.
+
 Defaults, in saekit's normalised units (E||x||^2 = d_in, so typical activations are O(1)):
 bandwidth 0.05; ``init_from_data`` puts each threshold at the quantile of its pre-activations
 that gives L0 ~ ``jumprelu_init_l0`` (default 64; floor 0.01), and the L0 term moves it from
@@ -127,9 +134,21 @@ class JumpReLUSAE(SAE):
         losses = reconstruction_losses(x, x_hat, batch_sum)
         losses["l0"] = batch_mean(_Step.apply(pre, threshold, bandwidth).sum(-1), batch_sum)
         coefficient = warmup(self.cfg.l0_coefficient, self.cfg.l0_warmup_fraction, progress)
-        losses["loss"] = losses["mse"] + coefficient * losses["l0"]
+        losses["aux"] = self._dead_preact_loss(pre, threshold, dead_mask, batch_sum)
+        losses["loss"] = (losses["mse"] + coefficient * losses["l0"]
+                          + self.cfg.aux_coefficient * losses["aux"])
         return TrainStep(x_hat=x_hat, losses=losses, fired=(acts > 0).any(0),
                          l0=losses["l0"].item())
+
+    @staticmethod
+    def _dead_preact_loss(pre: Tensor, threshold: Tensor, dead_mask: Tensor | None,
+                          batch_sum: BatchSum) -> Tensor:
+        """``E mean_{dead i} relu(theta_i - z_i)``; 0 (with a graph) when none are dead."""
+        if dead_mask is None or not bool(dead_mask.any()):
+            return pre.sum() * 0.0
+        dead = dead_mask.to(pre.device)
+        gap = (threshold[dead] - pre[:, dead]).relu().mean(-1)
+        return batch_mean(gap, batch_sum)
 
     def _state_for_saving(self) -> dict[str, Tensor]:
         state = dict(self.state_dict())
