@@ -20,12 +20,19 @@ from saekit.errors import (  # noqa: E402
 from saekit.formats import load_foreign_sae  # noqa: E402
 from saekit.model import load_model  # noqa: E402
 from saekit.sae import SAE, load_sae  # noqa: E402
-from saekit.steer import Intervention, SteeringError, generate, steer  # noqa: E402
-from saekit.steer_eval import steering_curve  # noqa: E402
+from saekit.steer import (  # noqa: E402
+    Intervention,
+    SteeringError,
+    SteeringVector,
+    generate,
+    steer,
+)
+from saekit.steer_eval import steering_curve, steering_sweep  # noqa: E402
 
 __all__ = [
     "ActivationCache", "ActivationStream", "CaptureConfig", "capture_activations",
     "load_corpus", "pack_token_rows", "load_model", "SaekitError", "CacheMismatchError",
     "CorpusError", "CorruptCacheError", "HookNameError", "ModelLoadError", "SAE", "load_sae", "load_foreign_sae",
-    "Intervention", "SteeringError", "generate", "steer", "steering_curve",
+    "Intervention", "SteeringError", "SteeringVector", "generate", "steer", "steering_curve",
+    "steering_sweep",
 ]
