@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saekit-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-all bench venv clean-venv
+.PHONY: demo test test-all bench bench-saelens venv clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,28 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py
+
+# saekit TopK vs SAELens's trainer on the same cache; SAELens (transformer-lens < 4) gets its
+# own venv. BENCH_TOKENS=81920 for a quick run.
+SAELENS_VENV := .venv-saelens
+SAELENS_STAMP := $(SAELENS_VENV)/.sae-lens-installed
+BENCH_ACTIVATIONS ?= runs/demo/activations
+BENCH_TOKENS ?= 163840
+
+$(SAELENS_STAMP): benchmarks/saelens-constraints.txt
+	$(PYTHON) -m venv $(SAELENS_VENV)
+	$(SAELENS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(SAELENS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check \
+		-c benchmarks/saelens-constraints.txt sae-lens 'transformer-lens<4'
+	touch $(SAELENS_STAMP)
+
+bench-saelens: $(STAMP) $(SAELENS_STAMP)
+	mkdir -p out
+	$(PY) benchmarks/train.py --activations $(BENCH_ACTIVATIONS) --tokens $(BENCH_TOKENS) \
+		--json out/bench-train.json
+	HF_HUB_OFFLINE=1 $(SAELENS_VENV)/bin/python benchmarks/train_saelens.py \
+		--activations $(BENCH_ACTIVATIONS) --tokens $(BENCH_TOKENS) \
+		--json out/bench-train-saelens.json --compare out/bench-train.json
 
 clean-venv:
 	rm -rf $(VENV)

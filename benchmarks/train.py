@@ -63,6 +63,15 @@ def plain_topk_loop(stream, steps: int, d_sae: int, k: int, lr: float, seed: int
     return sae, rate
 
 
+def rate_after_first_step(metrics: Path, batch_size: int) -> float:
+    """saekit's tokens/s over steps 2..N, from the cumulative rates logged every step: like the
+    plain loop, whose clock starts after its first batch (and shard group) is loaded."""
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    first, last = lines[0], lines[-1]
+    seconds = [line["step"] * batch_size / line["tokens_per_s"] for line in (first, last)]
+    return (last["step"] - first["step"]) * batch_size / (seconds[1] - seconds[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--activations", default="runs/demo/activations")
@@ -79,8 +88,7 @@ def main() -> None:
                              k=[args.k], batch_size=args.batch_size, tokens=args.tokens,
                              lr=args.lr, checkpoint_every=10**9, log_every=1)
         (folder,) = train(config).values()
-        lines = (folder / "metrics.jsonl").read_text().splitlines()
-        saekit_rate = json.loads(lines[-1])["tokens_per_s"]
+        saekit_rate = rate_after_first_step(folder / "metrics.jsonl", args.batch_size)
         saekit_fvu = json.loads((folder / "train_summary.json").read_text())["held_out"]["fvu"]
     _, stream, holdout = open_stream(config)
     plain, plain_rate = plain_topk_loop(stream, config.steps, args.latents, args.k, args.lr,

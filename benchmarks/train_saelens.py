@@ -1,0 +1,167 @@
+"""SAELens's TopK trainer on the same cached activations as benchmarks/train.py.
+
+Trains sae_lens's TopKTrainingSAE with sae_lens's own SAETrainer (fed an iterator of
+activation batches, no model) at the sizes of benchmarks/train.py: d_in 640, 10,240
+latents, k 32, batch 4,096, fp32, LR 1e-3 with 5 % linear warm-up and linear decay over
+the last 20 %, AuxK on latents idle for 50,000 tokens. Everything else is SAELens's
+default (decoder-norm rescaled top-k, AuxK coefficient 1, grad-norm clipping at 1,
+input scaled to E||x|| = sqrt(d_in), estimated on the first 16,384 tokens), except that
+b_dec starts at the mean of those tokens, as in the plain loop (saekit: their geometric
+median). SAELens starts it at zero, which on this cache leaves the held-out FVU above 6
+after 20 steps; --zero-b-dec keeps that.
+
+tokens/s times SAELens's training loop (SAETrainer.fit) only: the first shard group and
+the scale estimate are done before the clock starts, as for the plain loop in
+benchmarks/train.py; later shard groups load inside the loop, as for both loops there.
+Held-out FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the non-BOS tokens of the
+cache's last shards (those holding the last 65,536 token positions), as in
+saekit.evaluate.reconstruction_metrics. It needs SAELens, not saekit, in its own venv:
+
+    make bench-saelens    # builds .venv-saelens, runs benchmarks/train.py, then this
+    HF_HUB_OFFLINE=1 .venv-saelens/bin/python benchmarks/train_saelens.py \\
+        --activations runs/demo/activations [--compare saekit.json]
+
+``--compare`` reads the JSON that ``benchmarks/train.py --json`` writes and prints the
+saekit / SAELens and plain-loop / SAELens tokens/s ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import sae_lens
+import torch
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+HOLDOUT_TOKENS = 65_536  # saekit TrainConfig.holdout_tokens
+BUFFER_TOKENS = 1 << 18  # saekit TrainConfig.buffer_tokens: tokens shuffled together
+
+
+class Cache:
+    """A saekit activation cache read directly: manifest.json, tokens.safetensors, shards."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.manifest = json.loads((self.folder / "manifest.json").read_text())
+        (self.hook,) = self.manifest["hooks"]
+        tokens = load_file(self.folder / self.manifest["tokens_file"])["tokens"]
+        self.keep = tokens.flatten() != self.manifest["bos_token_id"]  # non-BOS positions
+        shards = self.manifest["shards"]
+        held, n = 0, 0
+        while held < HOLDOUT_TOKENS and n < len(shards) - 1:
+            start, end = shards[-1 - n]["rows"]
+            held, n = held + (end - start) * self.manifest["context"], n + 1
+        self.train_shards = list(range(len(shards) - n))
+        self.holdout_shards = list(range(len(shards) - n, len(shards)))
+
+    def load(self, index: int) -> torch.Tensor:
+        """Non-BOS activations of one shard, [tokens, d_model] fp32."""
+        entry = self.manifest["shards"][index]
+        with safe_open(self.folder / entry["file"], framework="pt") as shard:
+            acts = shard.get_tensor(self.hook).reshape(-1, self.manifest["d_model"])
+        context = self.manifest["context"]
+        keep = self.keep[entry["rows"][0] * context:entry["rows"][1] * context]
+        return acts[keep].float()
+
+    def batches(self, batch_size: int, seed: int = 0):
+        """Shuffled batches forever: shards in a random order, groups of them shuffled together."""
+        generator = torch.Generator().manual_seed(seed)
+        context = self.manifest["context"]
+        per_shard = max(int(self.keep[s * context:e * context].sum())
+                        for s, e in (self.manifest["shards"][i]["rows"] for i in self.train_shards))
+        per_group = max(1, BUFFER_TOKENS // per_shard)
+        while True:
+            order = [self.train_shards[i] for i in
+                     torch.randperm(len(self.train_shards), generator=generator).tolist()]
+            for i in range(0, len(order), per_group):
+                acts = torch.cat([self.load(s) for s in order[i:i + per_group]])
+                acts = acts[torch.randperm(len(acts), generator=generator)]
+                for b in range(len(acts) // batch_size):
+                    yield acts[b * batch_size:(b + 1) * batch_size]
+
+
+@torch.no_grad()
+def held_out_fvu(sae: TopKTrainingSAE, cache: Cache, chunk: int = 4096) -> float:
+    sae.eval()
+    n, sum_x, sum_sq_x, sum_err = 0, 0.0, 0.0, 0.0
+    for index in cache.holdout_shards:
+        for x in cache.load(index).split(chunk):
+            x_hat = sae(x)
+            sum_x = sum_x + x.double().sum(0)
+            sum_sq_x += float(x.double().pow(2).sum())
+            sum_err += float((x - x_hat).double().pow(2).sum())
+            n += len(x)
+    return sum_err / (sum_sq_x - float(sum_x.pow(2).sum()) / n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--activations", default="runs/demo/activations")
+    parser.add_argument("--latents", type=int, default=10_240)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--tokens", type=int, default=4096 * 40)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dead-tokens", type=int, default=50_000)
+    parser.add_argument("--zero-b-dec", action="store_true",
+                        help="keep SAELens's zero b_dec init instead of the sample mean")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--compare", type=Path, help="JSON from benchmarks/train.py --json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    cache = Cache(args.activations)
+    steps = args.tokens // args.batch_size
+    warm_up = int(0.05 * steps)
+    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
+        d_in=int(cache.manifest["d_model"]), d_sae=args.latents, k=args.k, dtype="float32",
+        device="cpu", normalize_activations="expected_average_only_in"))
+    batches = cache.batches(args.batch_size)
+    sample = [next(batches) for _ in range(max(1, 16_384 // args.batch_size))]
+    trainer = SAETrainer(
+        SAETrainerConfig(
+            total_training_samples=steps * args.batch_size,
+            train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr,
+            lr_warm_up_steps=warm_up if warm_up > 1 else 0, lr_decay_steps=int(0.2 * steps),
+            dead_feature_window=args.dead_tokens // args.batch_size, device="cpu"),
+        sae, data_provider=itertools.chain(sample, batches))  # trains on the sample too
+    trainer.activation_scaler.estimate_scaling_factor(sae.cfg.d_in, iter(sample), len(sample))
+    if not args.zero_b_dec:
+        sae.b_dec.data = torch.cat(sample).mean(0) * trainer.activation_scaler.scaling_factor
+
+    start = time.perf_counter()
+    trainer.fit()
+    rate = steps * args.batch_size / (time.perf_counter() - start)
+    figures = {
+        "sae_lens_version": sae_lens.__version__,
+        "threads": torch.get_num_threads(),
+        "d_in": sae.cfg.d_in, "latents": args.latents, "k": args.k,
+        "batch_size": args.batch_size, "tokens": steps * args.batch_size,
+        "b_dec_init": "zero" if args.zero_b_dec else "mean",
+        "saelens_topk_tokens_per_s": round(rate),
+        "saelens_held_out_fvu": round(held_out_fvu(sae, cache), 4),
+    }
+    if args.compare:
+        other = json.loads(args.compare.read_text())
+        if other["tokens"] != figures["tokens"] or other["batch_size"] != args.batch_size:
+            print(f"warning: {args.compare} is for {other['tokens']} tokens in batches of "
+                  f"{other['batch_size']}")
+        figures["saekit_over_saelens"] = round(other["saekit_topk_tokens_per_s"] / rate, 3)
+        figures["plain_loop_over_saelens"] = round(other["plain_loop_tokens_per_s"] / rate, 3)
+    for name, value in figures.items():
+        print(f"{name:28s} {value}")
+    print(json.dumps(figures))
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
