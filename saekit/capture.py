@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,21 @@ def capture_shard(model, rows: torch.Tensor, hooks: list[str], stop_at_layer: in
     return out
 
 
+def write_shard(path: Path, acts: dict[str, torch.Tensor], start: int, end: int
+                ) -> tuple[dict, int]:
+    """Write one shard atomically; its manifest entry and the row it ends at."""
+    write_safetensors(path, acts)
+    return {"file": path.name, "rows": [start, end], "bytes": path.stat().st_size,
+            "sha256": sha256_file(path)}, end
+
+
+def record_shard(out: Path, manifest: dict, entry: dict, end: int, n_rows: int) -> None:
+    """List a written shard in the manifest (rewritten atomically)."""
+    manifest["shards"].append(entry)
+    manifest["complete"] = end == n_rows
+    write_json(out / MANIFEST, manifest)
+
+
 def capture_activations(config: CaptureConfig, out: str | Path, model=None,
                         device: str | torch.device | None = None) -> Path:
     """Capture ``config.hooks`` over ``config.dataset`` into the cache folder ``out``.
@@ -202,16 +218,19 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
     n_rows = manifest["n_rows"]
     progress = tqdm(total=n_rows * config.context, initial=done * config.context, unit="tok",
                     unit_scale=True, desc=f"capture {', '.join(config.hooks)}")
-    for start in range(done, n_rows, config.shard_rows):
-        end = min(start + config.shard_rows, n_rows)
-        acts = capture_shard(model, tokens[start:end], config.hooks, stop_at_layer,
-                             config.batch_rows, STORAGE_DTYPES[config.dtype], progress)
-        index = len(manifest["shards"])
-        path = out / shard_name(index)
-        write_safetensors(path, acts)
-        manifest["shards"].append({"file": path.name, "rows": [start, end],
-                                   "bytes": path.stat().st_size, "sha256": sha256_file(path)})
-        manifest["complete"] = end == n_rows
-        write_json(out / MANIFEST, manifest)
+    # Shard i is written and hashed on a worker thread while shard i + 1 is computed (file I/O
+    # and hashing release the GIL); the manifest lists a shard only after its write finished.
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for start in range(done, n_rows, config.shard_rows):
+            end = min(start + config.shard_rows, n_rows)
+            acts = capture_shard(model, tokens[start:end], config.hooks, stop_at_layer,
+                                 config.batch_rows, STORAGE_DTYPES[config.dtype], progress)
+            if pending is not None:
+                record_shard(out, manifest, *pending.result(), n_rows)
+            index = len(manifest["shards"])  # the shard before is recorded by now
+            pending = writer.submit(write_shard, out / shard_name(index), acts, start, end)
+        if pending is not None:
+            record_shard(out, manifest, *pending.result(), n_rows)
     progress.close()
     return out
