@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import common
+from matplotlib.ticker import NullFormatter
 
 from saekit.evaluate import downstream_metrics
 from saekit.sae import load_sae
@@ -77,6 +78,7 @@ def plot(points: list[dict]):
     right.set(xscale="log", xlabel="L0 (held-out)", ylabel="CE-loss recovered",
               title="Sparsity vs downstream loss")
     for ax in (left, right):
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on a short range
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     return fig
