@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from topk_bench_flags import add_topk_bench_flags
 
 from saekit.evaluate import reconstruction_metrics
 from saekit.sae import SAEConfig, TopKSAE
@@ -74,12 +75,7 @@ def rate_after_first_step(metrics: Path, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--activations", default="runs/demo/activations")
-    parser.add_argument("--latents", type=int, default=10_240)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=4096 * 40)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_topk_bench_flags(parser)
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 

@@ -40,6 +40,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
 from safetensors import safe_open
 from safetensors.torch import load_file
+from topk_bench_flags import add_topk_bench_flags
 
 HOLDOUT_TOKENS = 65_536  # saekit TrainConfig.holdout_tokens
 BUFFER_TOKENS = 1 << 18  # saekit TrainConfig.buffer_tokens: tokens shuffled together
@@ -104,12 +105,7 @@ def held_out_fvu(sae: TopKTrainingSAE, cache: Cache, chunk: int = 4096) -> float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--activations", default="runs/demo/activations")
-    parser.add_argument("--latents", type=int, default=10_240)
-    parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--tokens", type=int, default=4096 * 40)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_topk_bench_flags(parser)
     parser.add_argument("--dead-tokens", type=int, default=50_000)
     parser.add_argument("--zero-b-dec", action="store_true",
                         help="keep SAELens's zero b_dec init instead of the sample mean")
