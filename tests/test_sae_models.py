@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from saekit.errors import SAEConfigError, SAEInputError, SaekitError
 from saekit.sae import (ARCHITECTURES, SAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig,
                         TopKSAE, load_sae)
-from saekit.sae.kernels import encoder_preacts, gather_preacts, masked_row_topk, row_topk
+from saekit.sae.kernels import (encoder_preacts, gather_preacts, masked_row_topk, row_topk,
+                                sparse_decode)
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]
 SAELENS_NAME = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
@@ -127,6 +128,33 @@ def test_gather_preacts_gradcheck_including_input():
                               rows, cols)
 
     assert torch.autograd.gradcheck(gathered, (x, b_dec, W_enc, b_enc))
+
+
+def test_masked_row_topk_positive_only_drops_exactly_the_non_positive_entries():
+    torch.manual_seed(0)
+    pre = torch.randn(9, 40, dtype=torch.float64)
+    allowed = torch.arange(40) % 2 == 1
+    rows, cols = masked_row_topk(pre, allowed, 6)
+    kept_rows, kept_cols = masked_row_topk(pre, allowed, 6, positive_only=True)
+    positive = pre[rows, cols] > 0
+    assert 0 < int(positive.sum()) < rows.numel()  # the case is non-trivial
+    assert torch.equal(kept_rows, rows[positive]) and torch.equal(kept_cols, cols[positive])
+    assert bool(allowed[kept_cols].all()) and bool((kept_rows.diff() >= 0).all())
+
+
+def test_sparse_decode_gradcheck_with_uneven_rows():
+    """The CPU decode's own backward (CSR matmul + SDDMM), rows holding 0 to 6 latents."""
+    torch.manual_seed(0)
+    pre = torch.randn(10, 30, dtype=torch.float64) - 1.0
+    pre[3] = -1.0  # a row with no positive entry
+    rows, cols = masked_row_topk(pre, torch.arange(30) < 20, 6, positive_only=True)
+    counts = torch.bincount(rows, minlength=10)
+    assert counts[3] == 0 and len(set(counts.tolist())) > 2
+    W_dec = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    vals = pre[rows, cols].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda W, v: sparse_decode(W, rows, cols, v, 10), (W_dec, vals))
+    dense = torch.zeros(10, 30, dtype=torch.float64).index_put((rows, cols), vals.detach())
+    assert torch.allclose(sparse_decode(W_dec, rows, cols, vals, 10), dense @ W_dec)
 
 
 def _perturbed(arch: str, **kwargs) -> SAE:

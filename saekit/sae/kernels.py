@@ -36,7 +36,7 @@ class _SparseGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pre, x, b_dec, W_enc, b_enc, rows, cols):
         ctx.save_for_backward(x, b_dec, W_enc, rows, cols)
-        return pre[rows, cols]
+        return pre.reshape(-1).index_select(0, rows * pre.shape[1] + cols)  # pre[rows, cols]
 
     @staticmethod
     def backward(ctx, grad):
@@ -87,15 +87,26 @@ def row_topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return rows, cols.flatten()
 
 
-def masked_row_topk(pre: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Like ``row_topk`` but only among the latents in ``allowed`` ([d_sae] bool); ``k`` capped."""
+def masked_row_topk(pre: Tensor, allowed: Tensor, k: int,
+                    positive_only: bool = False) -> tuple[Tensor, Tensor]:
+    """Like ``row_topk`` but only among the latents in ``allowed`` ([d_sae] bool); ``k`` capped.
+
+    ``positive_only`` drops the chosen entries that are <= 0: after a ReLU they are zero and
+    get no gradient, so leaving them out changes no value and saves their decode and backward.
+    Rows stay sorted; a row may then hold fewer than ``k`` entries.
+    """
     candidates = allowed.nonzero().squeeze(1)
     k = min(k, candidates.numel())
     if k == 0:
         empty = torch.empty(0, dtype=torch.long, device=pre.device)
         return empty, empty
-    rows, local = row_topk(pre.index_select(1, candidates), k)
-    return rows, candidates[local]
+    values, local = pre.index_select(1, candidates).topk(k, dim=-1, sorted=False)
+    rows = torch.arange(pre.shape[0], device=pre.device).repeat_interleave(k)
+    cols = candidates[local.flatten()]
+    if positive_only:
+        keep = values.flatten() > 0
+        rows, cols = rows[keep], cols[keep]
+    return rows, cols
 
 
 def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
@@ -105,12 +116,45 @@ def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return flat // pre.shape[1], flat % pre.shape[1]
 
 
+class _SparseDecodeCPU(torch.autograd.Function):
+    """``embedding_bag`` decode with a faster CPU backward than its own: grad ``W_dec`` as one
+    CSR sparse-dense matmul, grad ``vals`` as a sampled dense-dense matmul (SDDMM) at the
+    active coordinates, ``(grad @ W_dec^T)[rows, cols]`` without forming the dense product."""
+
+    @staticmethod
+    def forward(ctx, W_dec, vals, rows, cols, offsets):
+        ctx.save_for_backward(W_dec, vals, rows, cols, offsets)
+        return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals,
+                               include_last_offset=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        W_dec, vals, rows, cols, offsets = ctx.saved_tensors
+        needs_W_dec, needs_vals = ctx.needs_input_grad[:2]
+        grad_W_dec = grad_vals = None
+        if needs_W_dec:
+            grad_W_dec = _transpose_spmm(rows, cols, vals, grad, W_dec.shape[0])
+        if needs_vals:
+            compute = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                pattern = torch.sparse_csr_tensor(offsets, cols, vals.new_zeros(cols.shape, dtype=compute),
+                                                  (grad.shape[0], W_dec.shape[0]), check_invariants=False)
+                grad_vals = torch.sparse.sampled_addmm(pattern, grad.to(compute), W_dec.t().to(compute),
+                                                       beta=0.0).values().to(vals.dtype)
+        return grad_W_dec, grad_vals, None, None, None
+
+
 def sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
     """``sum_j vals_j * W_dec[cols_j]`` per row, without the bias: [n_rows, d_in]. Rows sorted."""
     counts = torch.bincount(rows, minlength=n_rows)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    return F.embedding_bag(cols, W_dec, offsets, mode="sum",
-                           per_sample_weights=vals.to(W_dec.dtype), include_last_offset=True)
+    vals = vals.to(W_dec.dtype)
+    if W_dec.device.type == "cpu":
+        return _SparseDecodeCPU.apply(W_dec, vals, rows, cols, offsets)
+    # elsewhere (CUDA) embedding_bag's own backward is fast, and SDDMM may want sorted columns
+    return F.embedding_bag(cols, W_dec, offsets, mode="sum", per_sample_weights=vals,
+                           include_last_offset=True)
 
 
 def fired_latents(cols: Tensor, vals: Tensor, d_sae: int) -> Tensor:

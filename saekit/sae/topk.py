@@ -84,7 +84,7 @@ class TopKSAE(SAE):
         if dead_mask is None:
             empty = torch.empty(0, dtype=torch.long, device=pre.device)
             return empty, empty
-        return masked_row_topk(pre, dead_mask.to(pre.device), self.aux_k)
+        return masked_row_topk(pre, dead_mask.to(pre.device), self.aux_k, positive_only=True)
 
     def _auxk_loss(self, error: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
                    batch_sum: BatchSum) -> Tensor:
