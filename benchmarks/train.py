@@ -115,7 +115,7 @@ def main() -> None:
         "plain_loop_held_out_fvu": round(plain_fvu, 4),
     }
     for name, value in figures.items():
-        print(f"{name:28s} {value}")
+        print(f"{name:32s} {value}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

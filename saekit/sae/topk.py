@@ -10,6 +10,8 @@ Loss (the paper's section 2.4 and appendix A.2, normalised as in its reference t
 ``auxk = sum ||e - e_hat||^2 / sum ||e - mean(e)||^2``, where ``e = x - x_hat`` (detached) and
 ``e_hat = W_dec^T z_aux`` (no bias) is decoded from the ``aux_k`` largest ReLU'd pre-activations
 among dead latents (aux_k defaults to d_in // 2, alpha to 1/32; zero when none are dead).
+Chosen entries <= 0 are left out of the decode: they are zero after the ReLU and get no
+gradient, so they change neither the loss nor its gradient.
 
 Training never forms a dense [batch, d_sae] gradient: see ``saekit.sae.kernels``.
 """
@@ -21,9 +23,18 @@ from torch import Tensor
 
 from saekit.errors import SAEConfigError
 from saekit.sae.base import SAE, SAEConfig, TrainStep
-from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_latents,
-                                gather_preacts, masked_row_topk, reconstruction_losses, row_topk,
-                                sparse_decode, total_variance)
+from saekit.sae.kernels import (
+    BatchSum,
+    batch_mean,
+    encoder_preacts,
+    fired_latents,
+    gather_preacts,
+    masked_row_topk,
+    reconstruction_losses,
+    row_topk,
+    sparse_decode,
+    total_variance,
+)
 
 
 class TopKSAE(SAE):
@@ -72,8 +83,9 @@ class TopKSAE(SAE):
         self._observe(vals.detach(), batch_sum)
         x_hat = sparse_decode(self.W_dec, rows, cols, vals, batch) + self.b_dec
         losses = reconstruction_losses(x, x_hat, batch_sum)
+        any_dead = dead_mask is not None and bool(dead_mask.any())
         losses["auxk"] = self._auxk_loss((x - x_hat).detach(), aux_rows, aux_cols, aux_vals,
-                                         batch_sum)
+                                         any_dead, batch_sum)
         active_per_sample = x.new_zeros(batch).index_add_(0, rows, (vals > 0).to(x.dtype))
         losses["l0"] = batch_mean(active_per_sample, batch_sum)
         losses["loss"] = losses["fvu"] + self.cfg.aux_coefficient * losses["auxk"]
@@ -87,8 +99,10 @@ class TopKSAE(SAE):
         return masked_row_topk(pre, dead_mask.to(pre.device), self.aux_k, positive_only=True)
 
     def _auxk_loss(self, error: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
-                   batch_sum: BatchSum) -> Tensor:
-        if rows.numel() == 0:  # no dead latents; the mask is global, so on no rank
+                   any_dead: bool, batch_sum: BatchSum) -> Tensor:
+        # Decided on the dead mask, which is global, never on this rank's entries (which may be
+        # none while another rank has some): every rank must make the same batch_sum calls.
+        if not any_dead:
             return error.new_zeros(())
         error_hat = sparse_decode(self.W_dec, rows, cols, vals, error.shape[0])
         squared_error = batch_sum((error - error_hat).pow(2).sum())
