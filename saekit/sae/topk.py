@@ -23,18 +23,9 @@ from torch import Tensor
 
 from saekit.errors import SAEConfigError
 from saekit.sae.base import SAE, SAEConfig, TrainStep
-from saekit.sae.kernels import (
-    BatchSum,
-    batch_mean,
-    encoder_preacts,
-    fired_latents,
-    gather_preacts,
-    masked_row_topk,
-    reconstruction_losses,
-    row_topk,
-    sparse_decode,
-    total_variance,
-)
+from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_latents,
+                                gather_preacts, masked_row_topk, reconstruction_losses, row_topk,
+                                sparse_decode, total_variance)
 
 
 class TopKSAE(SAE):
