@@ -53,7 +53,7 @@ def _dead() -> torch.Tensor:
 def _losses(arch: str, x: torch.Tensor, ranks: Distributed) -> dict[str, float]:
     step = _sae(arch).training_forward(x, dead_mask=_dead(), progress=0.5,
                                        batch_sum=ranks.batch_sum)
-    return {name: float(value) for name, value in step.losses.items()}
+    return {name: float(value.detach()) for name, value in step.losses.items()}
 
 
 def _rank_main(rank: int, port: int, arch: str, results) -> None:
