@@ -34,8 +34,9 @@ def train_cache(model, tmp_path_factory):
     return capture_activations(config, out, model=model)
 
 
-def _train_args(cache: Path, out: Path, tokens: int, **extra: str) -> list[str]:
-    args = ["train", "--activations", str(cache), "--out", str(out), "--arch", "topk",
+def _train_args(cache: Path, out: Path, tokens: int, arch: str = "topk",
+                **extra: str) -> list[str]:
+    args = ["train", "--activations", str(cache), "--out", str(out), "--arch", arch,
             "--latents", "512", "--k", "16", "--tokens", str(tokens), "--batch-size", "64",
             "--checkpoint-every", "25", "--log-every", "5", "--holdout-tokens", "2048"]
     for flag, value in extra.items():
@@ -95,17 +96,21 @@ def test_killed_training_resumes_to_identical_weights(train_cache, tmp_path):
 def test_torchrun_two_processes_match_one(train_cache, tmp_path):
     tokens = str(64 * 40)
     single, double = tmp_path / "single", tmp_path / "double"
-    subprocess.run([sys.executable, "-m", "saekit", *_train_args(train_cache, single, tokens)],
+    archs = "topk,batchtopk"  # BatchTopK: selection and threshold over the global batch
+    subprocess.run([sys.executable, "-m", "saekit",
+                    *_train_args(train_cache, single, tokens, archs)],
                    env=ENV, check=True, capture_output=True)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--master_port=29517", "-m", "saekit"]
-    result = subprocess.run([*torchrun, *_train_args(train_cache, double, tokens)], env=ENV,
-                            capture_output=True, text=True)
+    result = subprocess.run([*torchrun, *_train_args(train_cache, double, tokens, archs)],
+                            env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = (load_file(d / "topk_w512_k16" / "sae_weights.safetensors") for d in (single, double))
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
-    assert not torch.equal(a["W_enc"], load_sae(single / "topk_w512_k16").W_enc * 0)
+    for name in ("topk_w512_k16", "batchtopk_w512_k16"):
+        a, b = (load_file(d / name / "sae_weights.safetensors") for d in (single, double))
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=f"{name} {key}")
+        assert not torch.equal(a["W_enc"], torch.zeros_like(a["W_enc"]))
 
 
 def test_resume_with_other_hyper_parameters(train_cache, tmp_path):

@@ -282,7 +282,7 @@ class SAE(nn.Module):
         ``progress`` in [0, 1] is the fraction of training done (for coefficient warm-up).
         Under data parallelism ``batch_sum`` sums a tensor over ranks (gradient to the local
         part): losses then cover the global batch, and summing gradients over ranks gives
-        its gradient. ``fired`` stays local. BatchTopK selects within each rank's slice.
+        its gradient. ``fired`` stays local. BatchTopK selects from the global batch.
         """
         if x.ndim != 2:
             raise SAEInputError(f"training_forward takes a batch [batch, d_in], got shape "

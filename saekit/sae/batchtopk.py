@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.sae.kernels import BatchSum, batch_topk, jump_relu
+from saekit.sae.kernels import BatchSum, batch_topk, global_nth_largest, jump_relu
 from saekit.sae.topk import TopKSAE
 
 
@@ -36,18 +36,17 @@ class BatchTopKSAE(TopKSAE):
     def _encode(self, x: Tensor) -> Tensor:
         return jump_relu(self._centred(x) @ self.W_enc + self.b_enc, self.threshold)
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
-        return batch_topk(pre, self.cfg.k * pre.shape[0])
+    def _select(self, pre: Tensor, batch_sum: BatchSum) -> tuple[Tensor, Tensor]:
+        return batch_topk(pre, self.cfg.k, batch_sum)
 
     @torch.no_grad()
     def _observe(self, vals: Tensor, batch_sum: BatchSum) -> None:
-        # ranks average their minima (an empty slice counts for none): all keep the same theta
-        seen = vals.new_tensor(float(vals.numel() > 0))
-        ranks = batch_sum(seen)
-        local = vals.min() if vals.numel() else vals.new_zeros(())
-        smallest = (batch_sum(local * seen) / ranks.clamp_min(1)).to(self.threshold.dtype)
+        # theta follows the smallest kept activation of the global batch, the same on all ranks
+        kept = int(batch_sum(vals.new_tensor(vals.numel(), dtype=torch.float64)))
+        if kept == 0:
+            return
+        smallest = global_nth_largest(vals, kept, batch_sum).to(self.threshold.dtype)
         rate = self.cfg.threshold_ema_rate
         # the first batch sets theta outright; afterwards it is a running average
-        updated = torch.where(self.threshold > 0, (1 - rate) * self.threshold + rate * smallest,
-                              smallest)
-        self.threshold.copy_(torch.where(ranks > 0, updated, self.threshold))
+        self.threshold.copy_(torch.where(self.threshold > 0,
+                                         (1 - rate) * self.threshold + rate * smallest, smallest))

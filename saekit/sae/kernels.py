@@ -109,11 +109,52 @@ def masked_row_topk(pre: Tensor, allowed: Tensor, k: int,
     return rows, cols
 
 
-def batch_topk(pre: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Coordinates of the ``n`` largest positive entries of the whole batch, row-sorted."""
+def batch_topk(pre: Tensor, k: int, batch_sum: BatchSum | None = None) -> tuple[Tensor, Tensor]:
+    """Coordinates of the ``k * batch`` largest positive entries of the batch, row-sorted.
+
+    Under data parallelism (``batch_sum`` over several ranks) the batch is the global one: each
+    rank keeps its entries among the global top ``k * global batch`` (exactly, up to entries
+    tied at the cut).
+    """
+    batch_sum = batch_sum or (lambda value: value)
+    n = k * int(batch_sum(pre.new_tensor(pre.shape[0], dtype=torch.float64)))
     values, flat = pre.flatten().topk(min(n, pre.numel()), sorted=False)
-    flat = flat[values > 0].sort().values
+    positive = values > 0
+    values, flat = values[positive], flat[positive]
+    if world_size(batch_sum, pre) > 1 and int(batch_sum(_count(values))) > n:
+        flat = flat[values.double() >= global_nth_largest(values, n, batch_sum)]
+    flat = flat.sort().values
     return flat // pre.shape[1], flat % pre.shape[1]
+
+
+def world_size(batch_sum: BatchSum, like: Tensor) -> int:
+    """How many ranks ``batch_sum`` sums over (asked with a scalar on ``like``'s device)."""
+    return int(batch_sum(like.new_ones((), dtype=torch.float64)))
+
+
+def _count(values: Tensor) -> Tensor:
+    return values.new_tensor(values.numel(), dtype=torch.float64)
+
+
+def global_nth_largest(values: Tensor, n: int, batch_sum: BatchSum) -> Tensor:
+    """The ``n``-th largest of all ranks' positive ``values`` (1 <= n <= their global count),
+    as a float64 scalar. On one rank a top-k; on several, a bisection over int64 keys (the bit
+    patterns of positive float64s order like the numbers) with one scalar all-reduce a step,
+    at most 63; every rank takes the same steps, as each step's count is global."""
+    world = world_size(batch_sum, values)
+    if n == values.numel() and world == 1:
+        return values.detach().double().min()
+    if world == 1:
+        return values.detach().double().topk(n, sorted=False).values.min()
+    keys = values.detach().double().view(torch.int64)
+    low, high = 1, 0x7FF0000000000000  # count(keys >= low) >= n > count(keys >= +inf) = 0
+    while high - low > 1:
+        middle = (low + high) // 2
+        if int(batch_sum((keys >= middle).sum().double())) >= n:
+            low = middle
+        else:
+            high = middle
+    return torch.tensor(low, dtype=torch.int64).view(torch.float64).to(values.device)
 
 
 class _SparseDecodeCPU(torch.autograd.Function):
@@ -138,10 +179,12 @@ class _SparseDecodeCPU(torch.autograd.Function):
             compute = grad.dtype if grad.dtype in (torch.float32, torch.float64) else torch.float32
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-                pattern = torch.sparse_csr_tensor(offsets, cols, vals.new_zeros(cols.shape, dtype=compute),
-                                                  (grad.shape[0], W_dec.shape[0]), check_invariants=False)
-                grad_vals = torch.sparse.sampled_addmm(pattern, grad.to(compute), W_dec.t().to(compute),
-                                                       beta=0.0).values().to(vals.dtype)
+                pattern = torch.sparse_csr_tensor(
+                    offsets, cols, vals.new_zeros(cols.shape, dtype=compute),
+                    (grad.shape[0], W_dec.shape[0]), check_invariants=False)
+                grad_vals = torch.sparse.sampled_addmm(
+                    pattern, grad.to(compute), W_dec.t().to(compute), beta=0.0).values()
+            grad_vals = grad_vals.to(vals.dtype)
         return grad_W_dec, grad_vals, None, None, None
 
 

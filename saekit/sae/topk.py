@@ -54,7 +54,7 @@ class TopKSAE(SAE):
         values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
-    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+    def _select(self, pre: Tensor, batch_sum: BatchSum) -> tuple[Tensor, Tensor]:
         """Training-time active coordinates ``(rows, cols)``, row-sorted."""
         return row_topk(pre, self.cfg.k)
 
@@ -66,7 +66,7 @@ class TopKSAE(SAE):
         batch = x.shape[0]
         b_dec_in = self._b_dec_in()
         pre = encoder_preacts(x, b_dec_in, self.W_enc, self.b_enc)
-        rows, cols = self._select(pre)
+        rows, cols = self._select(pre, batch_sum)
         aux_rows, aux_cols = self._aux_positions(pre, dead_mask)
         vals = gather_preacts(pre, x, b_dec_in, self.W_enc, self.b_enc,
                               torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])).relu()
