@@ -113,8 +113,8 @@ def batch_topk(pre: Tensor, k: int, batch_sum: BatchSum | None = None) -> tuple[
     """Coordinates of the ``k * batch`` largest positive entries of the batch, row-sorted.
 
     Under data parallelism (``batch_sum`` over several ranks) the batch is the global one: each
-    rank keeps its entries among the global top ``k * global batch`` (exactly, up to entries
-    tied at the cut).
+    rank keeps its entries among the global top ``k * global batch``, and every entry tied at
+    the cut (one process keeps exactly ``k * batch``; ties are common in 16-bit dtypes).
     """
     batch_sum = batch_sum or (lambda value: value)
     n = k * int(batch_sum(pre.new_tensor(pre.shape[0], dtype=torch.float64)))
