@@ -138,23 +138,28 @@ def _count(values: Tensor) -> Tensor:
 
 def global_nth_largest(values: Tensor, n: int, batch_sum: BatchSum) -> Tensor:
     """The ``n``-th largest of all ranks' positive ``values`` (1 <= n <= their global count),
-    as a float64 scalar. On one rank a top-k; on several, a bisection over int64 keys (the bit
-    patterns of positive float64s order like the numbers) with one scalar all-reduce a step,
-    at most 63; every rank takes the same steps, as each step's count is global."""
+    as a float64 scalar. On one rank a top-k; on several, a bisection over integer keys (the
+    bit patterns of positive floats order like the numbers: float32 keys for 16- and 32-bit
+    values, which convert exactly, else float64) with one scalar all-reduce a step, at most 31
+    (63 for float64); every rank takes the same steps, as each step's count is global."""
     world = world_size(batch_sum, values)
     if n == values.numel() and world == 1:
         return values.detach().double().min()
     if world == 1:
         return values.detach().double().topk(n, sorted=False).values.min()
-    keys = values.detach().double().view(torch.int64)
-    low, high = 1, 0x7FF0000000000000  # count(keys >= low) >= n > count(keys >= +inf) = 0
+    wide = values.dtype == torch.float64
+    float_type, int_type = (torch.float64, torch.int64) if wide else (torch.float32, torch.int32)
+    keys = values.detach().to(float_type).view(int_type)
+    infinity = 0x7FF0000000000000 if wide else 0x7F800000
+    low, high = 1, infinity  # count(keys >= low) >= n > count(keys >= +inf) = 0
     while high - low > 1:
         middle = (low + high) // 2
         if int(batch_sum((keys >= middle).sum().double())) >= n:
             low = middle
         else:
             high = middle
-    return torch.tensor(low, dtype=torch.int64).view(torch.float64).to(values.device)
+    cut = torch.tensor(low, dtype=int_type).view(float_type)
+    return cut.double().to(values.device)
 
 
 class _SparseDecodeCPU(torch.autograd.Function):
