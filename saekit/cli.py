@@ -13,7 +13,7 @@ from saekit.errors import SaekitError
 
 # modules that add their own sub-commands with register_cli(subparsers)
 COMMAND_MODULES = ("saekit.evaluate", "saekit.dashboard", "saekit.steer", "saekit.steer_eval",
-                   "saekit.demo")
+                   "saekit.concept_run", "saekit.demo")
 
 
 class ExtendFromCommas(argparse.Action):

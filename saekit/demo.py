@@ -1,16 +1,19 @@
 """``make demo``: the whole story on the embedded default, end to end.
 
-capture (reused if cached) → train a TopK SAE (reused if trained) → find the feature most
-selective for the concept → its top-activating texts and logit lens → its dashboard →
-unsteered vs clamped generations on neutral prompts → the same with a mean-difference
-steering vector (no SAE), the baseline → measured mention rates. It says what it found,
-including when the target (clamped mention rate ≥ 50%, unsteered < 5%) is missed.
+capture (reused if cached) → the SAE (the one shipped with saekit, or ``--retrain`` its recipe
+on the capture) → ``saekit concept`` for the headline concept (the one that steers best in the
+steering benchmark, ``docs/steering_benchmark.json``): its texts retrieved from the capture,
+candidate features ranked, screened and validated by generation → the chosen feature's
+top-activating texts, logit lens and dashboard → neutral prompts unsteered vs clamped, and the
+concept's mean-difference vector (no SAE) for comparison → the same search for the Golden Gate
+Bridge → measured rates. Selections are kept in ``OUT/concepts/`` and reused.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,23 +21,19 @@ from pathlib import Path
 from saekit.analyse import feature_statistics, top_activating_examples
 from saekit.cache import ActivationCache, leading_activations
 from saekit.capture import CaptureConfig, capture_activations
+from saekit.concept import ConceptSearch, benchmark_concepts, find_concept_steering
+from saekit.concept_texts import ConceptError
 from saekit.dashboard import write_dashboard
-from saekit.directions import (logit_lens, mean_difference_direction, nearest_features,
-                               search_features)
+from saekit.directions import logit_lens
 from saekit.files import write_json
 from saekit.model import load_model
 from saekit.sae import load_sae
-from saekit.steer import SteeringVector
-from saekit.steer_eval import keyword_pattern, read_prompts, steering_curve, steering_sweep
 from saekit.train import TrainConfig, train
 
-GOLDEN_GATE_TEXTS = [
-    "The Golden Gate Bridge is a suspension bridge spanning the Golden Gate, the strait "
-    "connecting San Francisco Bay and the Pacific Ocean.",
-    "We drove north across the Golden Gate Bridge from San Francisco into Marin County.",
-    "Painted International Orange, the Golden Gate Bridge opened in 1937 and became the "
-    "symbol of San Francisco.",
-]
+SHIPPED_SAE = Path(__file__).parent / "data" / "sae" / "gemma-3-270m-blocks.6-topk-16k"
+BENCHMARK_RESULT = Path(__file__).resolve().parent.parent / "docs" / "steering_benchmark.json"
+GOLDEN_GATE = "the Golden Gate Bridge"
+FALLBACK_CONCEPT = "cheese"
 
 
 @dataclass
@@ -42,25 +41,65 @@ class DemoConfig:
     """What ``saekit demo`` runs. The CLI's ``saekit demo`` flags are these fields."""
 
     out: str = "runs/demo"
-    tokens: int = 600_000  # captured; the last holdout_tokens are held out of training
-    train_tokens: int = 500_000
+    tokens: int = 600_000  # captured; searched for the concepts' texts
     shard_rows: int = 512  # rows of 128 tokens per cache shard
+    sae: str = ""  # SAE to steer with (default: the shipped one)
+    retrain: bool = False  # train the shipped SAE's recipe on the capture (use --tokens 1200000)
+    train_tokens: int = 1_130_000
     holdout_tokens: int = 65_536
     batch_size: int = 1024
-    latents: int = 4096
+    latents: int = 16384
     k: int = 32
-    concept_texts: list[str] = field(default_factory=lambda: list(GOLDEN_GATE_TEXTS),
-                                     metadata={"flag": "concept_text"})
-    keywords: list[str] = field(default_factory=lambda: ["Golden Gate", "San Francisco",
-                                                         "bridge"])
-    statistics_rows: int = 800  # cache rows for base rates, max activations and examples
-    clamp_multiples: list[float] = field(default_factory=lambda: [2.0, 4.0])
-    # multiples of the concept's mean-difference direction, steered for comparison (no SAE)
-    vector_scales: list[float] = field(default_factory=lambda: [2.0, 3.0])
-    max_new_tokens: int = 24
+    concept: str = ""  # headline concept (default: the benchmark's best)
+    keywords: list[str] = field(default_factory=list)  # its keywords (default: the benchmark's)
+    statistics_rows: int = 256  # cache rows for base rates and the reference activations
+    samples_per_prompt: int = 3  # evaluation generations per neutral prompt
+    validate: int = 4  # candidate features validated by generation
+    validation_samples: int = 2  # generations per validation prompt
+    max_new_tokens: int = 32
     shown_prompts: int = 3
     seed: int = 0
     device: str | None = None
+
+
+def shipped_train_config(activations: str, out: str, config: DemoConfig) -> TrainConfig:
+    """The recipe of the shipped SAE (``--retrain`` runs it): TopK, 16,384 latents, k 32."""
+    return TrainConfig(activations=activations, out=out, arch=["topk"], latents=[config.latents],
+                       k=[config.k], tokens=config.train_tokens,
+                       holdout_tokens=config.holdout_tokens, batch_size=config.batch_size,
+                       seed=config.seed, device=config.device)
+
+
+RETRAIN_COMMAND = "saekit demo --retrain --tokens 1200000"
+
+
+def recipe(config: DemoConfig) -> dict:
+    """The training settings ``--retrain`` uses, without the run's folders."""
+    settings = asdict(shipped_train_config("", "", config))
+    return {k: v for k, v in settings.items() if k not in ("activations", "out", "device")}
+
+
+def ship_sae(trained: str | Path, dest: str | Path = SHIPPED_SAE) -> Path:
+    """Copy a trained SAE into ``dest`` with its weights stored as bfloat16 (loaded back as
+    float32: its cfg.json says so), its train summary and the recipe that trained it."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from saekit.files import write_safetensors
+    from saekit.sae.base import WEIGHTS_FILENAME
+
+    trained, dest = Path(trained), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    weights = load_file(trained / WEIGHTS_FILENAME)
+    write_safetensors(dest / WEIGHTS_FILENAME, {k: v.to(torch.bfloat16) for k, v in
+                                                weights.items()})
+    for name in ("cfg.json", "train_summary.json"):
+        shutil.copyfile(trained / name, dest / name)
+    write_json(dest / "recipe.json", {"command": RETRAIN_COMMAND,
+                                      "train": recipe(DemoConfig())})
+    return dest
 
 
 def section(title: str, started: float) -> None:
@@ -69,16 +108,34 @@ def section(title: str, started: float) -> None:
     print(f"\n=== {title} " + "=" * max(0, 64 - len(title)) + elapsed, flush=True)
 
 
-def train_or_reuse(config: DemoConfig, activations: Path) -> Path:
-    """The demo's TopK SAE folder, trained unless it already exists."""
-    name = f"topk_w{config.latents}_k{config.k}"
-    folder = Path(config.out) / "sae" / name
+def demo_sae(config: DemoConfig, activations: Path) -> Path:
+    """``--sae``, the shipped SAE, or (``--retrain``) the shipped recipe trained on the capture
+    (reused once trained)."""
+    if config.sae:
+        return Path(config.sae)
+    if not config.retrain:
+        return SHIPPED_SAE
+    folder = Path(config.out) / "sae" / f"topk_w{config.latents}_k{config.k}"
     if not (folder / "train_summary.json").exists():
-        train(TrainConfig(activations=str(activations), out=str(folder.parent),
-                          arch=["topk"], latents=[config.latents], k=[config.k],
-                          tokens=config.train_tokens, holdout_tokens=config.holdout_tokens,
-                          batch_size=config.batch_size, seed=config.seed, device=config.device))
+        train(shipped_train_config(str(activations), str(folder.parent), config))
     return folder
+
+
+def headline_concept(config: DemoConfig) -> tuple[str, list[str]]:
+    """The concept to show: ``--concept``, else the benchmark's best corpus concept by its own
+    measure (SAE clamp rate within the perplexity budget), else cheese."""
+    concepts = benchmark_concepts()
+    name = config.concept
+    if not name and BENCHMARK_RESULT.is_file():
+        results = json.loads(BENCHMARK_RESULT.read_text())["concepts"]
+        rated = [(r["best"]["sae_clamp"]["mention_rate"], n) for n, r in results.items()
+                 if n != GOLDEN_GATE and r["best"]["sae_clamp"]]
+        name = max(rated)[1] if rated else ""
+    name = name or FALLBACK_CONCEPT
+    keywords = config.keywords or concepts.get(name)
+    if not keywords:
+        raise ValueError(f"Give --keywords for the concept {name!r}.")
+    return name, keywords
 
 
 def show_example(example) -> str:
@@ -88,24 +145,57 @@ def show_example(example) -> str:
     return "".join(parts).replace("\n", " ").strip()
 
 
-def show_generations(prompts: list[str], settings: list[tuple[str, dict]]) -> None:
-    """Print each prompt's generation under each (label, measured setting)."""
-    for i, prompt in enumerate(prompts):
-        print(f"\nprompt: {prompt!r}")
-        for label, point in settings:
-            print(f"  {label:24s} {point['samples'][i]['text'].strip()!r}")
+def concept_result(model, sae, sae_dir: Path, cache: ActivationCache, name: str,
+                   keywords: list[str], config: DemoConfig, statistics, reference) -> dict:
+    """``find_concept_steering`` for the concept, kept in ``OUT/concepts/`` and reused when the
+    SAE, cache and settings are the same."""
+    key = {"sae": str(sae_dir), "cache": str(cache.folder), "n_tokens":
+           cache.manifest["n_tokens"], "keywords": keywords, "seed": config.seed,
+           "samples": config.samples_per_prompt, "max_new_tokens": config.max_new_tokens,
+           "statistics_rows": config.statistics_rows, "validate": config.validate,
+           "validation_samples": config.validation_samples}
+    path = Path(config.out) / "concepts" / (re.sub(r"\W+", "_", name).strip("_") + ".json")
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("demo_key") == key:
+            print(f"(reusing {path})")
+            return saved
+    search = ConceptSearch(max_new_tokens=config.max_new_tokens, seed=config.seed,
+                           validate=config.validate, samples_per_prompt=config.validation_samples)
+    result = find_concept_steering(model, sae, cache.tokens(), reference, statistics, name,
+                                   keywords, search=search,
+                                   evaluation_samples=config.samples_per_prompt,
+                                   vector_strengths=[search.strengths[1], search.strengths[-1]],
+                                   progress=print)
+    result["demo_key"] = key
+    write_json(path, result)
+    return result
 
 
-def concept_mentions(cache: ActivationCache, tokenizer, keywords: list[str]) -> dict[str, int]:
-    """How often each keyword occurs in the cache's text (its rows decoded, BOS dropped)."""
-    texts = tokenizer.batch_decode(cache.tokens().tolist(), skip_special_tokens=True)
-    return {k: sum(len(keyword_pattern([k]).findall(t)) for t in texts) for k in keywords}
+def print_rates(result: dict) -> None:
+    """Mention rate and perplexity of unsteered, clamped and mean-difference steering."""
+    rows = [("unsteered", result["unsteered"]),
+            (f"clamp {result['features']}", result["steered"])]
+    rows += [(f"mean-difference {p['strength']:g}x", p) for p in result["mean_difference"]]
+    for label, point in rows:
+        print(f"  {label:28s} mention rate {100 * point['mention_rate']:5.1f}%  perplexity "
+              f"{point['perplexity']:7.2f}  KL on neutral text {point['kl_neutral']:.3f}")
+
+
+def show_generations(result: dict, n_prompts: int, per_prompt: int) -> None:
+    """The first sample of the first prompts, unsteered and clamped."""
+    for i in range(0, n_prompts * per_prompt, per_prompt):
+        print(f"\nprompt: {result['samples']['unsteered'][i]['prompt']!r}")
+        for label in ("unsteered", "steered"):
+            text = result["samples"][label][i]["text"].strip()
+            print(f"  {label:10s} {text!r}")
 
 
 def run_demo(config: DemoConfig) -> dict:
     """Run the demo; returns (and writes to ``OUT/demo_summary.json``) what it measured."""
     started = time.perf_counter()
     out = Path(config.out)
+    name, keywords = headline_concept(config)
     model = load_model(device=config.device)
 
     section("1. capture", started)
@@ -116,107 +206,80 @@ def run_demo(config: DemoConfig) -> dict:
     print(f"{cache.manifest['n_tokens']:,} tokens of the default corpus at "
           f"{', '.join(cache.hooks)} in {activations}")
 
-    section("2. train a TopK SAE", started)
-    sae_dir = train_or_reuse(config, activations)
-    sae = load_sae(sae_dir, device=config.device)
-    summary = json.loads((sae_dir / "train_summary.json").read_text())["held_out"]
-    print(f"{sae_dir.name}: held-out FVU {summary['fvu']:.3f}, L0 {summary['l0']:.0f}, "
-          f"dead {100 * summary['dead_fraction_training']:.1f}% -> {sae_dir}")
+    section("2. the SAE", started)
+    sae_dir = demo_sae(config, activations)
+    sae = load_sae(sae_dir, device=config.device).eval()
+    summary_file = sae_dir / "train_summary.json"
+    held_out = json.loads(summary_file.read_text())["held_out"] if summary_file.is_file() else {}
+    print(f"{sae_dir}: {sae.cfg.architecture}, {sae.d_sae:,} latents at "
+          f"{sae.cfg.metadata.hook_name}" + (f"; held-out FVU {held_out['fvu']:.3f}, L0 "
+                                             f"{held_out['l0']:.0f}" if held_out else ""))
+    hook = sae.cfg.metadata.hook_name
+    statistics = feature_statistics(sae, cache, max_rows=config.statistics_rows)
+    reference = leading_activations(cache, config.statistics_rows * (cache.context - 1),
+                                    hook=hook)
 
-    section("3. find the Golden Gate feature", started)
-    stats = feature_statistics(sae, cache, max_rows=config.statistics_rows)
-    hits = search_features(sae, model, text="\n".join(config.concept_texts), statistics=stats,
-                           top=5)
-    for hit in hits:
-        print(f"feature {hit.feature:5d}  score {hit.score:6.2f}  mean on text "
-              f"{hit.mean_activation:6.2f}  corpus frequency {100 * hit.frequency:.3f}%")
-    feature = hits[0].feature
-    max_activation = float(stats.max_activation[feature])
-    print(f"-> feature {feature} (max activation on the corpus sample {max_activation:.2f})")
+    section(f"3. saekit concept: {name}", started)
+    result = concept_result(model, sae, sae_dir, cache, name, keywords, config, statistics,
+                            reference)
+    features = result["features"]
 
-    section(f"4. feature {feature}: top-activating texts and logit lens", started)
-    examples = top_activating_examples(sae, cache, [feature], n_examples=6,
+    section(f"4. feature {features[0]}: top-activating texts and logit lens", started)
+    examples = top_activating_examples(sae, cache, features[:1], n_examples=6,
                                        tokenizer=model.tokenizer,
-                                       max_rows=config.statistics_rows)[feature]
+                                       max_rows=config.statistics_rows)[features[0]]
     for example in examples:
         print(f"{example.max_activation:6.2f}  {show_example(example)}")
-    promoted, suppressed = logit_lens(model, sae, feature, k=8)
+    promoted, suppressed = logit_lens(model, sae, features[0], k=8)
     print("promotes: " + ", ".join(repr(t) for t, _ in promoted))
-    print("suppresses: " + ", ".join(repr(t) for t, _ in suppressed))
 
     section("5. dashboard", started)
-    neighbours = [f for f, _ in nearest_features(sae, feature, k=5)]
-    dashboard = write_dashboard(out / "dashboard", model, sae, cache,
-                                [feature, *[h.feature for h in hits[1:]], *neighbours],
-                                n_examples=12, max_rows=config.statistics_rows)
-    print(f"open {dashboard / f'feature_{feature}.html'} (index: {dashboard / 'index.html'})")
+    dashboard = write_dashboard(out / "dashboard", model, sae, cache, features, n_examples=12,
+                                max_rows=config.statistics_rows)
+    print(f"open {dashboard / f'feature_{features[0]}.html'} (index: {dashboard / 'index.html'})")
 
-    section("6. steering: unsteered vs clamped", started)
-    values = [m * max_activation for m in config.clamp_multiples]
-    prompts = read_prompts()
-    curve = steering_curve(model, sae, feature, values, prompts, config.keywords,
-                           max_new_tokens=config.max_new_tokens, samples_per_prompt=1,
-                           seed=config.seed, out=out / "steering")
-    settings = [("unsteered", curve["baseline"])] + [
-        (f"clamp {m:g}x max = {v:.2f}", point)
-        for m, v, point in zip(config.clamp_multiples, values, curve["curve"])]
-    show_generations(prompts[:config.shown_prompts], settings)
+    section(f"6. steering to {name}: unsteered vs clamped", started)
+    show_generations(result, config.shown_prompts, config.samples_per_prompt)
+    print()
+    print_rates(result)
+    print(result["verdict"])
 
-    section("7. for comparison: a mean-difference steering vector (no SAE)", started)
-    hook = sae.cfg.metadata.hook_name
-    reference = leading_activations(cache, hook=hook)
-    direction = mean_difference_direction(model, hook, config.concept_texts, reference)
-    print(f"v = mean activation on the concept texts - mean on the corpus at {hook} "
-          f"(|v| = {direction.norm():.0f}, typical |x| = {reference.norm(dim=-1).mean():.0f})")
-    sweep = steering_sweep(model, [[SteeringVector(direction, hook, scale)]
-                                   for scale in config.vector_scales],
-                           prompts, config.keywords, max_new_tokens=config.max_new_tokens,
-                           samples_per_prompt=1, seed=config.seed, baseline=False)
-    vector_settings = [(f"add {scale:g} v", point)
-                       for scale, point in zip(config.vector_scales, sweep["curve"])]
-    show_generations(prompts[:config.shown_prompts], vector_settings)
+    section(f"7. {GOLDEN_GATE}, the same way", started)
+    try:
+        golden = concept_result(model, sae, sae_dir, cache, GOLDEN_GATE,
+                                benchmark_concepts()[GOLDEN_GATE], config, statistics, reference)
+        print(f"the captured tokens mention it {golden['retrieval']['n_mentions']}x")
+        print_rates(golden)
+    except ConceptError as err:
+        golden = {"features": [], "values": [], "unsteered": None, "steered": None,
+                  "target_met": False, "verdict": f"{GOLDEN_GATE}: {err}"}
+    print(golden["verdict"])
 
     section("8. measured", started)
-    mentions = concept_mentions(cache, model.tokenizer, config.keywords)
-    print(f"the {cache.manifest['n_tokens']:,} captured tokens mention the concept "
-          + ", ".join(f"{k!r} {n}x" for k, n in mentions.items()))
-    for label, point in settings + vector_settings:
-        print(f"{label:24s} mention rate {100 * point['mention_rate']:5.1f}%  perplexity "
-              f"{point['perplexity']:7.2f}  KL on neutral text {point['kl_neutral']:.3f}")
-    best = max(curve["curve"], key=lambda p: p["mention_rate"])
-    best_vector = max(sweep["curve"], key=lambda p: p["mention_rate"])
-    met = best["mention_rate"] >= 0.5 and curve["baseline"]["mention_rate"] < 0.05
-    verdict = ("target met" if met else "target MISSED") + (
-        f": clamping SAE feature {feature} gives {100 * best['mention_rate']:.0f}% (target >= "
-        f"50%), unsteered {100 * curve['baseline']['mention_rate']:.0f}% (target < 5%), over "
-        f"{len(prompts)} neutral prompts x {config.max_new_tokens} tokens, keywords "
-        f"{config.keywords}. The mean-difference vector at the same hook reaches "
-        f"{100 * best_vector['mention_rate']:.0f}% (perplexity {best_vector['perplexity']:.1f})")
-    if not met and best_vector["mention_rate"] >= 0.5:
-        verdict += (": the model can be steered to the concept at this layer, but this SAE "
-                    "has no feature for it; the corpus it was trained on names it too rarely "
-                    "(above) for a dictionary of this size to spend a latent on it")
+    verdict = result["verdict"] + " " + golden["verdict"]
     print(verdict)
-    result = {"config": asdict(config), "sae": str(sae_dir), "held_out": summary,
-              "search": [asdict(h) | {"token_activations": None} for h in hits],
-              "feature": feature, "max_activation": max_activation,
-              "top_examples": [show_example(e) for e in examples],
-              "logit_lens": {"promoted": promoted, "suppressed": suppressed},
-              "steering": {label: {k: p[k] for k in ("mention_rate", "perplexity", "kl_neutral")}
-                           for label, p in settings + vector_settings},
-              "concept_mentions_in_cache": mentions,
-              "target_met": met, "verdict": verdict,
-              "seconds": round(time.perf_counter() - started, 1)}
-    write_json(out / "demo_summary.json", result)
-    print(f"\ndone in {result['seconds']:.0f} s; summary in {out / 'demo_summary.json'}")
-    return result
+    summary = {"config": asdict(config), "sae": str(sae_dir), "held_out": held_out,
+               "concept": name, "keywords": keywords, "feature": features[0],
+               "features": features, "values": result["values"],
+               "top_examples": [show_example(e) for e in examples],
+               "logit_lens": {"promoted": promoted, "suppressed": suppressed},
+               "steering": {"unsteered": result["unsteered"], "clamped": result["steered"],
+                            "mean_difference": [{k: v for k, v in p.items() if k != "samples"}
+                                                for p in result["mean_difference"]]},
+               "golden_gate": {k: golden[k] for k in ("features", "values", "unsteered",
+                                                      "steered", "target_met", "verdict")},
+               "target_met": result["target_met"], "verdict": verdict,
+               "seconds": round(time.perf_counter() - started, 1)}
+    write_json(out / "demo_summary.json", summary)
+    print(f"\ndone in {summary['seconds']:.0f} s; summary in {out / 'demo_summary.json'}")
+    return summary
 
 
 def register_cli(subparsers) -> argparse.ArgumentParser:
     from saekit.cli import add_config_arguments, config_from_args
 
     parser = subparsers.add_parser("demo", help="the main job on the embedded default, "
-                                   "end to end (capture, train, find, show, steer, measure)")
+                                   "end to end (capture, SAE, concept search, steer, measure)")
     add_config_arguments(parser, DemoConfig)
     parser.set_defaults(run=lambda args: run_demo(config_from_args(DemoConfig, args)))
     return parser

@@ -169,6 +169,39 @@ class SteeringVector:
         return x + (self.scale * self.vector).to(x.device, x.dtype)
 
 
+@dataclass
+class OnRows:
+    """``intervention`` applied to batch rows ``start:stop`` only, so that several steering
+    settings can be generated or scored in one batch (one block of rows each)."""
+
+    intervention: Intervention | SteeringVector
+    start: int
+    stop: int
+
+    @property
+    def hook_name(self) -> str:
+        return self.intervention.hook_name
+
+    @property
+    def width(self) -> int:
+        return self.intervention.width
+
+    @property
+    def is_empty(self) -> bool:
+        return self.intervention.is_empty or self.stop <= self.start
+
+    def check(self, model) -> None:
+        self.intervention.check(model)
+
+    def apply(self, x: Tensor) -> Tensor:
+        return self.intervention.apply(x)
+
+    def rows(self, act: Tensor) -> Tensor:
+        """Bool [batch] of the rows this applies to."""
+        index = torch.arange(act.shape[0], device=act.device)
+        return (index >= self.start) & (index < self.stop)
+
+
 def check_hook_width(model, hook: str, width: int, what: str) -> None:
     """Raise if ``hook`` is not in ``model``, or is a residual hook whose width is not ``width``."""
     from saekit.capture import check_hooks
@@ -245,7 +278,7 @@ class PositionTracker:
         return keep if bool(keep.any()) else None
 
 
-def make_hook(intervention: Intervention | SteeringVector, tracker: PositionTracker):
+def make_hook(intervention: Intervention | SteeringVector | OnRows, tracker: PositionTracker):
     """The forward hook ``fn(act [batch, pos, ..., width], hook) -> act`` applying the edits at
     the positions ``tracker`` selects (the others are returned as they were)."""
 
@@ -255,7 +288,9 @@ def make_hook(intervention: Intervention | SteeringVector, tracker: PositionTrac
                                 f"{intervention.hook_name!r} gives activations of shape "
                                 f"{tuple(act.shape)}.")
         mask = tracker.mask(act)
-        if mask is None:
+        if mask is not None and isinstance(intervention, OnRows):
+            mask = mask & intervention.rows(act)[:, None]
+        if mask is None or not bool(mask.any()):
             return act
         out = act.clone()
         out[mask] = intervention.apply(act[mask])
@@ -285,7 +320,7 @@ def interventions_from(items: Sequence[Any], clamp: Mapping[int, float] | None =
                             "SAE with them, or Intervention(sae, clamp=...) objects.")
     out = []
     for item in flat:
-        if isinstance(item, (Intervention, SteeringVector)):
+        if isinstance(item, (Intervention, SteeringVector, OnRows)):
             out.append(item)
         elif isinstance(item, SAE):
             out.append(Intervention(item, clamp or {}, add or {}, ablate or (), hook))
@@ -350,35 +385,74 @@ def model_device(model) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
 
 
+def sample_next(logits: Tensor, temperature: float, generator: torch.Generator,
+                noise_period: int | None = None) -> Tensor:
+    """One token per row of ``logits`` [batch, d_vocab]: greedy at temperature 0, else drawn
+    from softmax(logits / temperature) by inverting its CDF with one uniform per row (exact,
+    and far cheaper over a 262k vocabulary than ``torch.multinomial``)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    cdf = (logits.float() / temperature).softmax(-1).cumsum(-1)
+    period = noise_period or len(cdf)
+    uniform = torch.rand(period, 1, generator=generator, device=cdf.device)
+    uniform = uniform.repeat(-(-len(cdf) // period), 1)[:len(cdf)] * cdf[:, -1:]
+    return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequence[Any] = (),
                   max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0,
-                  positions: Positions = "all") -> Tensor:
+                  positions: Positions = "all", noise_period: int | None = None) -> Tensor:
     """New tokens [batch, <= max_new_tokens] sampled after ``prompts``, steered.
 
     ``prompts``: token ids [batch, prompt], or texts, which are generated as one batch, left-
-    padded (BOS first) with an attention mask. Sampling is seeded (the global RNG is left as it
-    was); ``temperature`` 0 is greedy. Rows that stop early are padded with EOS.
+    padded (BOS first) with an attention mask. Decoding is incremental over the model's KV
+    cache; sampling is seeded by its own generator (the global RNG is not touched);
+    ``temperature`` 0 is greedy. Rows that stop early are padded with EOS. With
+    ``noise_period`` n, row i draws the random numbers of row i % n, so blocks of n rows
+    (settings generated together, see ``OnRows``) differ only by their steering.
     """
-    if not temperature >= 0:
-        raise SteeringError(f"temperature must be >= 0, got {temperature}.")
+    from transformer_lens.utilities import get_attention_mask
+
+    if not temperature >= 0 or not math.isfinite(temperature):
+        raise SteeringError(f"temperature must be a finite number >= 0, got {temperature}.")
     if max_new_tokens < 1:
         raise SteeringError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     device = model_device(model)
     if isinstance(prompts, Tensor):
-        inputs, width, padding = prompts.to(device), prompts.shape[1], {}
+        tokens = prompts.to(device)
+        mask = torch.ones_like(tokens)
     else:
-        inputs = list(prompts)
-        width = model.to_tokens(inputs, padding_side="left").shape[1]
-        padding = {"padding_side": "left"}
-    forked = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cuda"):
-        torch.manual_seed(seed)
-        with steer(model, *interventions, positions=positions):
-            out = model.generate(inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                 temperature=temperature if temperature > 0 else 1.0,
-                                 return_type="tokens", verbose=False, **padding)
-    return out[:, width:]
+        tokens = model.to_tokens(list(prompts), padding_side="left").to(device)
+        mask = get_attention_mask(model.tokenizer, tokens, prepend_bos=True,
+                                  padding_side="left").to(device).long()
+    stop = torch.tensor(sorted(stop_token_ids(model)), device=device, dtype=torch.long)
+    fill = int(stop[0]) if len(stop) else 0
+    generator = torch.Generator(device=device).manual_seed(seed)
+    new = []
+    done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
+    with steer(model, *interventions, positions=positions):
+        logits, cache = model(tokens, return_type="logits_and_cache", attention_mask=mask,
+                              use_cache=True)
+        for step in range(max_new_tokens):
+            token = sample_next(logits[:, -1], temperature, generator, noise_period)
+            token = torch.where(done, torch.full_like(token, fill), token)
+            new.append(token)
+            done |= torch.isin(token, stop)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits, cache = model(token[:, None], return_type="logits_and_cache",
+                                  attention_mask=mask, past_key_values=cache)
+    return torch.stack(new, dim=1)
+
+
+def stop_token_ids(model) -> set[int]:
+    """The token ids generation stops at (and pads finished rows with)."""
+    ids = getattr(model.cfg, "eos_token_id", None)
+    ids = [ids] if isinstance(ids, int) else list(ids or [])
+    eos = getattr(getattr(model, "tokenizer", None), "eos_token_id", None)
+    return set(ids) | ({eos} if eos is not None else set())
 
 
 def generate(model, prompt: str, sae: SAE | None = None,

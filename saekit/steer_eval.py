@@ -20,8 +20,9 @@ from torch import Tensor
 
 from saekit.files import atomic_path, write_json
 from saekit.sae import SAE
-from saekit.steer import (Intervention, Positions, SteeringError, add_generation_arguments,
-                          load_sae_and_model, sample_tokens, steer)
+from saekit.steer import (Intervention, OnRows, Positions, SteeringError, add_generation_arguments,
+                          load_sae_and_model, sample_tokens, steer,
+                          stop_token_ids)
 
 NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
 RESULT_JSON = "steering_curve.json"
@@ -69,14 +70,6 @@ def mention_rate(texts: Sequence[str], keywords: Sequence[str]) -> float:
     return sum(bool(pattern.search(text)) for text in texts) / len(texts)
 
 
-def stop_token_ids(model) -> set[int]:
-    """The token ids ``model.generate`` stops at (and pads finished rows with)."""
-    ids = getattr(model.cfg, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    eos = getattr(model.tokenizer, "eos_token_id", None)
-    return set(ids) | ({eos} if eos is not None else set())
-
-
 def continuation_lengths(new: Tensor, stop_ids: set[int]) -> list[int]:
     """Per row of ``new`` [n, T]: tokens up to and including the first stop token."""
     lengths = []
@@ -87,14 +80,21 @@ def continuation_lengths(new: Tensor, stop_ids: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def continuation_nll(model, prompt: Tensor, new: Tensor, lengths: Sequence[int]) -> list[float]:
+def continuation_nll(model, prompt: Tensor, new: Tensor, lengths: Sequence[int],
+                     max_rows: int = 16) -> list[float]:
     """Mean NLL per row of continuation ``new`` [n, T] after ``prompt`` [1, P], under ``model``
-    as it runs now (call it outside ``steer`` for the unsteered model); NaN for empty rows."""
-    width = prompt.shape[1]
-    tokens = torch.cat([prompt.to(new.device).expand(len(new), -1), new], dim=1)
-    logits = model(tokens, return_type="logits")[:, width - 1:-1].float()
-    nll = -logits.log_softmax(-1).gather(-1, new[..., None].to(logits.device)).squeeze(-1)
-    return [float(row[:n].mean()) if n else math.nan for row, n in zip(nll.cpu(), lengths)]
+    as it runs now (call it outside ``steer`` for the unsteered model); NaN for empty rows.
+    Only the continuation's logits are computed, ``max_rows`` rows at a time."""
+    out: list[float] = []
+    for start in range(0, len(new), max_rows):
+        part = new[start:start + max_rows]
+        tokens = torch.cat([prompt.to(part.device).expand(len(part), -1), part], dim=1)
+        logits = model(tokens, return_type="logits", logits_to_keep=part.shape[1] + 1)
+        logits = logits[:, :-1].float()
+        nll = -logits.log_softmax(-1).gather(-1, part[..., None].to(logits.device)).squeeze(-1)
+        out += [float(row[:n].mean()) if n else math.nan
+                for row, n in zip(nll.cpu(), lengths[start:start + max_rows])]
+    return out
 
 
 @torch.no_grad()
@@ -116,41 +116,82 @@ def _mean(values: Sequence[float]) -> float | None:
 
 
 @torch.no_grad()
-def measure_setting(model, interventions: Sequence[Any], prompts: Sequence[str],
-                    pattern: re.Pattern, neutral_tokens: Sequence[Tensor],
-                    neutral_base: Sequence[Tensor], max_new_tokens: int,
-                    samples_per_prompt: int, temperature: float, seed: int,
-                    positions: Positions) -> dict:
-    """Mention rate, perplexity and neutral KL of one steering setting (no edits: unsteered).
+def neutral_kl(model, plans: Sequence[Sequence[Any]], neutral_tokens: Sequence[Tensor],
+               neutral_base: Sequence[Tensor]) -> list[float | None]:
+    """Per plan: mean KL(unsteered || steered) over the non-BOS positions of the neutral texts,
+    every plan steering its own row of one batch per text."""
+    if not neutral_tokens:
+        return [None] * len(plans)
+    rows = [OnRows(iv, i, i + 1) for i, plan in enumerate(plans) for iv in plan]
+    steered: list[list[Tensor]] = [[] for _ in plans]
+    with steer(model, *rows, positions="all"):
+        for tokens in neutral_tokens:
+            logits = model(tokens.expand(len(plans), -1), return_type="logits")
+            for i, row in enumerate(logits[:, 1:].float().log_softmax(-1)):
+                steered[i].append(row)
+    return [mean_kl(neutral_base, s) if any(not iv.is_empty for iv in plan) else 0.0
+            for plan, s in zip(plans, steered)]
 
-    All generations (``samples_per_prompt`` per prompt) are sampled as one left-padded batch.
+
+@torch.no_grad()
+def measure_settings(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str],
+                     pattern: re.Pattern, neutral_tokens: Sequence[Tensor],
+                     neutral_base: Sequence[Tensor], max_new_tokens: int,
+                     samples_per_prompt: int, temperature: float, seed: int,
+                     positions: Positions, max_batch_rows: int = 160,
+                     score_prompts: Sequence[str] | None = None) -> list[dict]:
+    """Mention rate, perplexity and neutral KL of each steering setting (a plan with no
+    edits: unsteered).
+
+    Settings are generated together, ``samples_per_prompt`` rows per prompt each, as few
+    left-padded batches of at most ``max_batch_rows`` rows as fit (each setting steers only its
+    own rows, ``OnRows``); every setting draws the same random numbers, so settings differ only
+    by their steering, and a setting gives the same samples whatever else is in its batch.
+    Perplexity is that of the continuation after ``score_prompts[i]`` (default: the prompt it
+    was generated from), e.g. the neutral prompt when an instruction was prepended to it.
     """
+    score_prompts = list(score_prompts) if score_prompts is not None else list(prompts)
+    if len(score_prompts) != len(prompts):
+        raise SteeringError("score_prompts needs one prompt per prompt.")
     stop_ids = stop_token_ids(model)
     batch = [prompt for prompt in prompts for _ in range(samples_per_prompt)]
-    new = sample_tokens(model, batch, interventions, max_new_tokens, temperature, seed, positions)
-    lengths = continuation_lengths(new, stop_ids)
-    samples, nlls = [], []
-    for index, prompt in enumerate(prompts):
-        rows = slice(index * samples_per_prompt, (index + 1) * samples_per_prompt)
-        row_nll = continuation_nll(model, model.to_tokens(prompt), new[rows], lengths[rows])
-        for row, n, nll in zip(new[rows].tolist(), lengths[rows], row_nll):
-            text = model.tokenizer.decode(row[:n], skip_special_tokens=True)
-            samples.append({"prompt": prompt, "text": text, "mentions": bool(pattern.search(text)),
-                            "perplexity": None if math.isnan(nll) else math.exp(nll)})
-            nlls.append(nll)
-    steered = neutral_base
-    if any(not iv.is_empty for iv in interventions):
-        with steer(model, *interventions, positions="all"):
-            steered = [next_token_logprobs(model, tokens) for tokens in neutral_tokens]
-    perplexities = [math.exp(v) for v in nlls if not math.isnan(v)]
-    return {
-        "mention_rate": sum(s["mentions"] for s in samples) / len(samples),
-        "perplexity": _mean(perplexities),
-        "mean_token_nll": _mean(nlls),
-        "kl_neutral": mean_kl(neutral_base, steered) if neutral_tokens else None,
-        "n_generations": len(samples),
-        "samples": samples,
-    }
+    n = len(batch)
+    per_chunk = max(1, max_batch_rows // n)
+    results: list[dict] = []
+    for first in range(0, len(plans), per_chunk):
+        chunk = plans[first:first + per_chunk]
+        rows = [OnRows(iv, i * n, (i + 1) * n) for i, plan in enumerate(chunk) for iv in plan]
+        new = sample_tokens(model, batch * len(chunk), rows, max_new_tokens, temperature, seed,
+                            positions, noise_period=n)
+        lengths = continuation_lengths(new, stop_ids)
+        nll = [math.nan] * len(new)
+        for index in range(len(prompts)):
+            mine = [i * n + index * samples_per_prompt + j for i in range(len(chunk))
+                    for j in range(samples_per_prompt)]
+            values = continuation_nll(model, model.to_tokens(score_prompts[index]), new[mine],
+                                      [lengths[r] for r in mine])
+            for r, v in zip(mine, values):
+                nll[r] = v
+        kls = neutral_kl(model, chunk, neutral_tokens, neutral_base)
+        for i, kl in enumerate(kls):
+            samples, nlls = [], []
+            for r in range(i * n, (i + 1) * n):
+                text = model.tokenizer.decode(new[r, :lengths[r]].tolist(),
+                                              skip_special_tokens=True)
+                samples.append({"prompt": batch[r - i * n], "text": text,
+                                "mentions": bool(pattern.search(text)),
+                                "perplexity": None if math.isnan(nll[r]) else math.exp(nll[r])})
+                nlls.append(nll[r])
+            perplexities = [math.exp(v) for v in nlls if not math.isnan(v)]
+            results.append({
+                "mention_rate": sum(s["mentions"] for s in samples) / len(samples),
+                "perplexity": _mean(perplexities),
+                "mean_token_nll": _mean(nlls),
+                "kl_neutral": kl,
+                "n_generations": len(samples),
+                "samples": samples,
+            })
+    return results
 
 
 def steering_sweep(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str],
@@ -158,7 +199,7 @@ def steering_sweep(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str]
                    samples_per_prompt: int = 4, temperature: float = 0.7, seed: int = 0,
                    neutral_texts: Sequence[str] | None = None, positions: Positions = "all",
                    baseline: bool = True) -> dict:
-    """``measure_setting`` for each plan (a list of ``Intervention`` / ``SteeringVector``):
+    """``measure_settings`` of each plan (a list of ``Intervention`` / ``SteeringVector``):
     ``{"settings": ..., "baseline": unsteered or None, "curve": [one dict per plan]}``.
 
     Every setting samples with the same ``seed``, so settings differ only by the steering.
@@ -179,12 +220,14 @@ def steering_sweep(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str]
               "neutral_tokens": neutral_tokens, "neutral_base": neutral_base,
               "max_new_tokens": max_new_tokens, "samples_per_prompt": samples_per_prompt,
               "temperature": temperature, "seed": seed, "positions": positions}
+    measured = measure_settings(model, ([[]] if baseline else []) + [list(p) for p in plans],
+                                **common)
     return {
         "settings": {"max_new_tokens": max_new_tokens, "samples_per_prompt": samples_per_prompt,
                      "temperature": temperature, "seed": seed, "positions": positions,
                      "prompts": list(prompts), "neutral_texts": neutral},
-        "baseline": measure_setting(model, [], **common) if baseline else None,
-        "curve": [measure_setting(model, plan, **common) for plan in plans],
+        "baseline": measured[0] if baseline else None,
+        "curve": measured[1:] if baseline else measured,
     }
 
 

@@ -1,4 +1,5 @@
-"""``saekit demo`` end to end at a tiny size: every stage runs and the summary holds what it printed."""
+"""``saekit demo`` end to end at a tiny size: every stage runs and the summary holds what it
+printed; a second run reuses the capture, the SAE and the concept selections."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from saekit.demo import DemoConfig, run_demo
 
 def test_demo_tells_the_whole_story(model, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "load_model", lambda device=None: model)
-    config = DemoConfig(out=str(tmp_path), tokens=48 * 128, shard_rows=16, train_tokens=4096,
-                        holdout_tokens=1024, batch_size=256, latents=256, k=8,
-                        statistics_rows=16, clamp_multiples=[4.0], vector_scales=[3.0],
+    config = DemoConfig(out=str(tmp_path), tokens=48 * 128, shard_rows=16, retrain=True,
+                        train_tokens=4096, holdout_tokens=1024, batch_size=256, latents=256,
+                        k=8, concept="kings", keywords=["king*", "the"], statistics_rows=16,
+                        samples_per_prompt=1, validate=1, validation_samples=1,
                         max_new_tokens=4, shown_prompts=1)
     result = run_demo(config)
     out = capsys.readouterr().out
@@ -21,22 +23,21 @@ def test_demo_tells_the_whole_story(model, tmp_path, capsys, monkeypatch):
     assert json.loads((tmp_path / "demo_summary.json").read_text()) == json.loads(
         json.dumps(result))
     feature = result["feature"]
-    assert feature == result["search"][0]["feature"]
+    assert result["concept"] == "kings" and feature == result["features"][0]
+    assert result["sae"] == str(tmp_path / "sae" / "topk_w256_k8")
     assert (tmp_path / "dashboard" / f"feature_{feature}.html").is_file()
-    assert (tmp_path / "steering" / "steering_curve.png").is_file()
     assert result["held_out"]["l0"] == 8
-    labels = list(result["steering"])
-    assert labels[0] == "unsteered" and labels[1].startswith("clamp 4x max")
-    assert labels[2] == "add 3 v"
     assert result["steering"]["unsteered"]["kl_neutral"] == 0
-    assert result["steering"]["add 3 v"]["kl_neutral"] > 0
-    assert set(result["concept_mentions_in_cache"]) == set(config.keywords)
-    assert result["verdict"].startswith("target met" if result["target_met"] else "target MISSED")
-    assert result["verdict"] in out
-    # a second run reuses the cache and the SAE: nothing captured or trained again
+    assert result["steering"]["clamped"]["kl_neutral"] > 0
+    assert result["steering"]["clamped"]["n_generations"] == 10
+    assert len(result["steering"]["mean_difference"]) == 2
+    assert isinstance(result["target_met"], bool) and result["verdict"] in out
+    assert "Golden Gate" in result["golden_gate"]["verdict"]
+    # a second run reuses the cache, the SAE and the selections: nothing done again
     weights = tmp_path / "sae" / "topk_w256_k8" / "sae_weights.safetensors"
     before = weights.stat().st_mtime_ns
-    assert run_demo(config)["feature"] == feature
-    err = capsys.readouterr().err
-    assert "capture blocks" not in err and "train 1 SAE" not in err
+    assert run_demo(config)["features"] == result["features"]
+    captured = capsys.readouterr()
+    assert "capture blocks" not in captured.err and "train 1 SAE" not in captured.err
+    assert "reusing" in captured.out
     assert weights.stat().st_mtime_ns == before

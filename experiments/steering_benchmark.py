@@ -1,0 +1,291 @@
+"""Concept-steering benchmark: does clamping the SAE feature(s) that ``saekit concept`` picks
+make the model talk about a concept, and how does it compare with simpler baselines (AxBench,
+arXiv 2501.17148: a mean-difference vector and prompting)?
+
+Per concept (12 the default corpus covers, plus the Golden Gate Bridge), with nothing but its
+name and keywords: ``select_concept_features`` retrieves its texts from the cache, ranks and
+screens candidate features and validates the best by generation on the *validation* prompts.
+Then, on the *evaluation* prompts (never used to choose), each method at each edit strength
+(edit norm = strength x the residual stream's typical centred norm, the same grid for all):
+
+- unsteered;
+- SAE clamp: the chosen feature(s) clamped (their edits adding up to that norm);
+- SAE add: the same values added to the feature(s) instead;
+- mean-difference: the concept's mean-difference direction (concept texts minus ordinary text)
+  scaled to that norm;
+- prompting: "Talk about NAME." prepended to the prompt (perplexity is still scored after the
+  bare prompt, like every other method).
+
+Scores per setting: keyword mention rate, perplexity under the unsteered model, and a second
+score that is not a keyword list: a probe, the projection of the unsteered model's activations
+on the generated text (at the SAE's hook) onto the concept's mean-difference direction, as a
+fraction of the concept texts' projection (a generation counts when it reaches 0.5). Reported
+per method: the best rate at perplexity <= 3x unsteered. Writes ``steering_benchmark.json``,
+``steering_benchmark.png`` (concepts x methods) and ``steering_benchmark_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Sequence
+
+import common
+import torch
+import torch.nn.functional as F
+
+from saekit.analyse import feature_statistics
+from saekit.cache import ActivationCache, leading_activations
+from saekit.concept import ConceptSearch, benchmark_concepts, select_concept_features
+from saekit.sae import load_sae
+from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_logprobs,
+                               read_prompts)
+
+NAME = "steering_benchmark"
+CONCEPTS = benchmark_concepts()  # name -> keywords, saekit/data/benchmark_concepts.json
+METHODS = ("sae_clamp", "sae_add", "mean_difference", "prompting")
+DEFAULTS = {"concepts": ",".join(CONCEPTS), "strengths": [0.5, 1.0, 1.5, 2.0],
+            "prompts": 10, "samples_per_prompt": 3, "validation_samples": 2,
+            "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "validate": 4,
+            "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
+FULL = {"samples_per_prompt": 5}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = common.make_parser(__doc__.splitlines()[0])
+    common.add_concept_args(parser)
+    add = parser.add_argument
+    add("--concepts", help="comma-separated names from the built-in list (default: all 13)")
+    add("--strengths", type=common.floats, help="edit norms relative to the residual scale")
+    add("--prompts", type=int, help="evaluation prompts (saekit/data/neutral_prompts.txt)")
+    add("--samples-per-prompt", type=int, help="generations per evaluation prompt (default 3)")
+    add("--validation-samples", type=int, help="per validation prompt (default 2)")
+    add("--max-new-tokens", type=int)
+    add("--temperature", type=float)
+    add("--validate", type=int, help="candidates validated by generation (default 4)")
+    add("--candidates-per-ranking", type=int)
+    add("--max-perplexity-ratio", type=float)
+    return common.parse(parser, NAME, DEFAULTS, FULL, argv)
+
+
+@torch.inference_mode()
+def probe_scores(model, hook: str, direction: torch.Tensor, reference_mean: torch.Tensor,
+                 concept_projection: float, samples: Sequence[dict]) -> list[float]:
+    """Per sample: mean over its continuation's tokens of (x - reference mean) . unit(v) at
+    ``hook``, read by the unsteered model, over the concept texts' mean projection."""
+    from saekit.analyse import model_activations
+
+    unit = F.normalize(direction.float(), dim=0)
+    out = []
+    for sample in samples:
+        prompt = model.to_tokens(sample["prompt"])
+        tokens = model.to_tokens(sample["prompt"] + sample["text"])
+        if tokens.shape[1] <= prompt.shape[1]:
+            out.append(0.0)
+            continue
+        acts = model_activations(model, hook, tokens)[0, prompt.shape[1]:].float().cpu()
+        out.append(float(((acts - reference_mean) @ unit).mean()) / concept_projection)
+    return out
+
+
+def best_within(points: Sequence[dict], limit: float, key: str = "mention_rate") -> dict | None:
+    """The point with the highest ``key`` among those with perplexity <= ``limit``."""
+    ok = [p for p in points if p["perplexity"] is not None and p["perplexity"] <= limit]
+    return max(ok, key=lambda p: (p[key], -p["perplexity"])) if ok else None
+
+
+def summarise(point: dict, pattern, probe: list[float]) -> dict:
+    """A measured setting without its samples' full texts, with the probe added."""
+    mentions = [bool(pattern.search(s["text"])) for s in point["samples"]]
+    hits = [score >= 0.5 for score in probe]
+    return {"mention_rate": sum(mentions) / len(mentions),
+            "probe_rate": sum(hits) / len(hits), "probe_mean": sum(probe) / len(probe),
+            "perplexity": point["perplexity"], "kl_neutral": point["kl_neutral"],
+            "n_generations": point["n_generations"],
+            "labels": [[int(m), int(h)] for m, h in zip(mentions, hits)],
+            "examples": [s["text"] for s in point["samples"][:3]]}
+
+
+def agreement(labels: Sequence[Sequence[int]]) -> dict:
+    """Accuracy and Cohen's kappa of keyword vs probe labels ``[[keyword, probe], ...]``."""
+    n = len(labels)
+    both = sum(a == b for a, b in labels) / n
+    p_keyword = sum(a for a, _ in labels) / n
+    p_probe = sum(b for _, b in labels) / n
+    chance = p_keyword * p_probe + (1 - p_keyword) * (1 - p_probe)
+    kappa = (both - chance) / (1 - chance) if chance < 1 else 1.0
+    return {"n": n, "agreement": both, "cohen_kappa": kappa, "keyword_rate": p_keyword,
+            "probe_rate": p_probe}
+
+
+def run_concept(model, sae, args, name: str, keywords: list[str], tokens, reference,
+                statistics, prompts: list[str], unsteered: dict, neutral: dict) -> dict:
+    """Select the concept's features, then measure every method at every strength."""
+    started = time.perf_counter()
+    search = ConceptSearch(candidates_per_ranking=args.candidates_per_ranking,
+                           validate=args.validate, strengths=list(args.strengths),
+                           max_new_tokens=args.max_new_tokens,
+                           samples_per_prompt=args.validation_samples,
+                           temperature=args.temperature,
+                           max_perplexity_ratio=args.max_perplexity_ratio, seed=args.seed)
+    found = select_concept_features(model, sae, tokens, reference, statistics, name, keywords,
+                                    search=search, progress=print)
+    strengths = list(args.strengths)
+    plans = ([found.plan(sae, s, "clamp") for s in strengths]
+             + [found.plan(sae, s, "add") for s in strengths]
+             + [[found.vector(s)] for s in strengths])
+    pattern = keyword_pattern(keywords)
+    common_args = dict(pattern=pattern, max_new_tokens=args.max_new_tokens,
+                       samples_per_prompt=args.samples_per_prompt,
+                       temperature=args.temperature, seed=args.seed + 1, positions="all",
+                       **neutral)
+    measured = measure_settings(model, plans, prompts, **common_args)
+    instructed = [f"Talk about {name}. {p}" for p in prompts]
+    measured += measure_settings(model, [[]], instructed, score_prompts=prompts, **common_args)
+
+    def score(point: dict) -> dict:
+        probe = probe_scores(model, found.hook, found.mean_difference, found.reference_mean,
+                             found.concept_projection, point["samples"])
+        return summarise(point, pattern, probe)
+
+    n = len(strengths)
+    methods = {"sae_clamp": measured[:n], "sae_add": measured[n:2 * n],
+               "mean_difference": measured[2 * n:3 * n], "prompting": measured[3 * n:]}
+    base = score(unsteered)
+    limit = args.max_perplexity_ratio * base["perplexity"]
+    result = {"keywords": keywords, "features": found.choice.features,
+              "values": found.choice.values, "chosen_strength": found.choice.strength,
+              "validation": {"mention_rate": found.choice.mention_rate,
+                             "perplexity": found.choice.perplexity,
+                             "within_budget": found.choice.within_budget,
+                             "unsteered": {k: found.validation_base[k]
+                                           for k in ("mention_rate", "perplexity")},
+                             "settings": found.validation},
+              "n_mentions_in_cache": found.texts.n_mentions, "unsteered": base,
+              "perplexity_limit": limit, "methods": {}, "best": {}}
+    for method, points in methods.items():
+        scored = [score(p) | {"strength": s} for p, s in
+                  zip(points, strengths if method != "prompting" else [None])]
+        result["methods"][method] = scored
+        best = best_within(scored, limit)
+        result["best"][method] = None if best is None else {
+            k: best[k] for k in ("mention_rate", "probe_rate", "perplexity", "strength")}
+    sae_best = result["best"]["sae_clamp"]
+    result["target_met"] = bool(sae_best and sae_best["mention_rate"] >= 0.5
+                                and base["mention_rate"] < 0.05)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    print(f"{name}: features {found.choice.features}; best within {limit:.1f} perplexity: "
+          + ", ".join(f"{m} {100 * b['mention_rate']:.0f}%" if b else f"{m} -"
+                      for m, b in result["best"].items())
+          + f"; unsteered {100 * base['mention_rate']:.0f}% ({result['seconds']:.0f} s)",
+          flush=True)
+    return result
+
+
+def plot(results: dict, strengths: Sequence[float]):
+    """(concepts x methods heatmap of the best rate within budget, per-concept curves)."""
+    names = list(results)
+    heat, axes = common.new_figure(1, 1, (1.6 + 1.3 * len(METHODS), 0.9 + 0.42 * len(names)))
+    ax = axes[0]
+    grid = [[(results[c]["best"][m] or {}).get("mention_rate", math.nan) for m in METHODS]
+            for c in names]
+    image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    for i, row in enumerate(grid):
+        for j, value in enumerate(row):
+            ax.text(j, i, "-" if math.isnan(value) else f"{100 * value:.0f}%", ha="center",
+                    va="center", color="white" if not value > 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(METHODS)), [m.replace("_", " ") for m in METHODS])
+    ax.set_yticks(range(len(names)), names)
+    ax.set_title("best concept mention rate at perplexity <= 3x unsteered")
+    heat.colorbar(image, ax=ax, shrink=0.8)
+    cols = 4
+    curves, axes = common.new_figure(cols, -(-len(names) // cols), (3.6, 2.9))
+    for ax, name in zip(axes, names):
+        result = results[name]
+        for method in METHODS:
+            points = [p for p in result["methods"][method] if p["perplexity"] is not None]
+            ax.plot([p["perplexity"] for p in points], [p["mention_rate"] for p in points],
+                    "o-" if method != "prompting" else "*", label=method.replace("_", " "))
+        base = result["unsteered"]
+        ax.plot([base["perplexity"]], [base["mention_rate"]], "ks", label="unsteered")
+        ax.axvline(result["perplexity_limit"], color="grey", ls="--", lw=0.8)
+        ax.set(xscale="log", ylim=(-0.03, 1.03), title=name, xlabel="perplexity",
+               ylabel="mention rate")
+    for ax in axes[len(names):]:
+        ax.axis("off")
+    axes[0].legend(fontsize="x-small")
+    return heat, curves
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    names = [c.strip() for c in args.concepts.split(",") if c.strip()]
+    unknown = [n for n in names if n not in CONCEPTS]
+    if unknown:
+        raise SystemExit(f"unknown concepts {unknown}; choose from {list(CONCEPTS)}")
+    cache = ActivationCache.open(common.get_cache(args))
+    sae = load_sae(common.concept_sae(args)).eval()
+    model = common.get_model(args.device)
+    hook = sae.cfg.metadata.hook_name
+    statistics = feature_statistics(sae, cache, max_rows=args.stats_rows)
+    reference = leading_activations(cache, args.stats_rows * (cache.context - 1), hook=hook)
+    prompts = read_prompts()[:args.prompts]
+    neutral_texts = read_prompts()
+    neutral_tokens = [model.to_tokens(t) for t in neutral_texts]
+    neutral = {"neutral_tokens": neutral_tokens,
+               "neutral_base": [next_token_logprobs(model, t) for t in neutral_tokens]}
+    (unsteered,) = measure_settings(model, [[]], prompts, pattern=keyword_pattern(["x"]),
+                                    max_new_tokens=args.max_new_tokens,
+                                    samples_per_prompt=args.samples_per_prompt,
+                                    temperature=args.temperature, seed=args.seed + 1,
+                                    positions="all", **neutral)
+    results = {}
+    for name in names:
+        keywords = CONCEPTS[name]
+        results[name] = run_concept(model, sae, args, name, keywords, cache.tokens(), reference,
+                                    statistics, prompts, unsteered, neutral)
+    labels = [label for r in results.values() for m in r["methods"].values() for p in m
+              for label in p["labels"]]
+    rates = [(p["mention_rate"], p["probe_rate"]) for r in results.values()
+             for m in r["methods"].values() for p in m]
+    corpus = [n for n in names if n != "the Golden Gate Bridge"]
+    summary = {
+        "concepts_meeting_target": [n for n in corpus if results[n]["target_met"]],
+        "n_corpus_concepts": len(corpus),
+        "keyword_probe_agreement": agreement(labels),
+        "keyword_probe_rate_correlation": _pearson(rates),
+        "methods_best_mean": {m: _mean([(results[n]["best"][m] or {}).get("mention_rate", 0.0)
+                                        for n in corpus]) for m in METHODS},
+    }
+    heat, curves = plot(results, args.strengths)
+    data = {"settings": common.settings(args), "sae": str(common.concept_sae(args)),
+            "hook": hook, "prompts": prompts, "summary": summary, "concepts": results,
+            "seconds": round(time.perf_counter() - started, 1)}
+    common.save_results(args.out, NAME + "_curves", curves, {"see": NAME + ".json"})
+    common.save_results(args.out, NAME, heat, data)
+    print(f"target met (>= 50% at <= {args.max_perplexity_ratio:g}x perplexity, unsteered "
+          f"< 5%) for {len(summary['concepts_meeting_target'])} of {len(corpus)} corpus "
+          f"concepts: {summary['concepts_meeting_target']}")
+    print(f"keyword vs probe: {summary['keyword_probe_agreement']}, rate correlation "
+          f"{summary['keyword_probe_rate_correlation']:.2f}")
+    return data
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _pearson(pairs: Sequence[tuple[float, float]]) -> float:
+    if len(pairs) < 2:
+        return math.nan
+    x = torch.tensor([a for a, _ in pairs], dtype=torch.float64)
+    y = torch.tensor([b for _, b in pairs], dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    denominator = float(x.norm() * y.norm())
+    return float((x * y).sum()) / denominator if denominator > 0 else math.nan
+
+
+if __name__ == "__main__":
+    main()

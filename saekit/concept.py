@@ -1,0 +1,463 @@
+"""Find the SAE feature(s) that steer a model to a concept, from its name and keywords only.
+
+1. **retrieve** the concept's texts: windows of the corpus around keyword mentions
+   (``saekit.concept_texts``), plus the user's own;
+2. **candidates**, pooled from three rankings of every feature:
+   - *output*: the first-order effect of adding its decoder direction on the next-token
+     log-probability of the concept's words on neutral prompts (the gradient of that
+     log-probability at the hook, dotted with each unit decoder direction). Features that fire
+     on a concept are not necessarily those that make the model say it (Arad, Mueller &
+     Belinkov 2025); this ranks by the output side;
+   - *input*: fires on the concept's texts far above its corpus base rate (``search_features``);
+   - *alignment*: decoder direction closest to the concept's mean-difference direction;
+3. **screen** each candidate with forward passes only: its direction added at a few edit sizes
+   on the validation prompts; the lift in the log-probability of the concept's words;
+4. **validate** the best few by generating from the validation prompts with the feature
+   clamped at values spanning the same edit sizes: the highest mention rate at a perplexity
+   (under the unsteered model) within ``max_perplexity_ratio`` of the unsteered text's. If no
+   single feature reaches ``target_rate``, the best few are clamped together;
+5. **evaluate** the choice on the evaluation prompts (never used to choose): ``concept.json``.
+
+Edit sizes are given relative to the residual stream's typical *centred* norm at the hook
+(``residual_scale``): most of the raw norm is a constant offset that carries no content.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saekit.analyse import FeatureStatistics, model_activations, model_hook
+from saekit.concept_texts import ConceptError, ConceptTexts
+from saekit.directions import search_features
+from saekit.steer import Intervention, SteeringVector, steer
+from saekit.steer_eval import read_prompts, steering_sweep
+
+VALIDATION_PROMPTS = Path(__file__).parent / "data" / "validation_prompts.txt"
+BENCHMARK_CONCEPTS = Path(__file__).parent / "data" / "benchmark_concepts.json"
+
+
+@dataclass
+class ConceptSearch:
+    """How hard to look. Strengths are edit norms relative to ``residual_scale``."""
+
+    candidates_per_ranking: int = 12
+    validate: int = 4  # candidates validated by generation
+    strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    max_new_tokens: int = 32
+    samples_per_prompt: int = 2  # per validation prompt
+    temperature: float = 0.7
+    max_perplexity_ratio: float = 3.0
+    target_rate: float = 0.5
+    combine: int = 3  # features clamped together when no single one reaches target_rate
+    seed: int = 0
+
+
+@dataclass
+class Candidate:
+    """A feature considered for the concept, with what each stage measured."""
+
+    feature: int
+    sources: list[str]  # rankings that proposed it: output, input, alignment
+    output_score: float  # gradient . unit decoder direction
+    direction_norm: float  # raw norm of one unit of activation
+    screen_lift: list[float] = field(default_factory=list)  # per screened strength
+    screen_kl: list[float] = field(default_factory=list)
+
+
+@dataclass
+class SteeringChoice:
+    """The features and clamp values chosen, and what validation measured for them."""
+
+    features: list[int]
+    values: list[float]  # clamp values, SAE activation units, one per feature
+    strength: float  # edit norm / residual_scale
+    mention_rate: float
+    perplexity: float | None
+    meets_target: bool  # on the validation prompts
+    within_budget: bool  # perplexity within max_perplexity_ratio on the validation prompts
+
+
+# --- directions and measurements ---------------------------------------------------------------
+
+@torch.no_grad()
+def decoder_directions(sae) -> Tensor:
+    """What one unit of each latent adds to the raw activation: ``[d_sae, d_in]`` float32
+    (``decode(e_i) - decode(0)``, so any input scaling of the SAE is accounted for)."""
+    zero = sae.decode(torch.zeros(1, sae.d_sae, device=sae.W_dec.device, dtype=sae.W_dec.dtype))
+    out = []
+    for start in range(0, sae.d_sae, 4096):
+        eye = torch.eye(sae.d_sae, device=sae.W_dec.device, dtype=sae.W_dec.dtype)[start:start + 4096]
+        out.append((sae.decode(eye) - zero).float().cpu())
+    return torch.cat(out)
+
+
+def residual_scale(reference: Tensor) -> float:
+    """Mean norm of ``reference`` [tokens, d_model] after subtracting its mean."""
+    reference = reference.float()
+    return float((reference - reference.mean(0)).norm(dim=-1).mean())
+
+
+def prompt_batch(model, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """``(tokens [n, T], mask [n, T])``: prompts with BOS, right-padded (a causal model's real
+    positions never see the padding); ``mask`` marks real non-BOS positions."""
+    rows = [model.to_tokens(p)[0] for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = rows[0][0].item()
+    tokens = torch.full((len(rows), width), pad, dtype=torch.int64)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        tokens[i, :len(row)] = row
+        mask[i, 1:len(row)] = True
+    return tokens, mask
+
+
+def concept_log_mass(logits: Tensor, token_ids: Sequence[int]) -> Tensor:
+    """log of the next-token probability of any of ``token_ids``: ``[...]`` from logits
+    ``[..., d_vocab]``."""
+    logprobs = logits.float().log_softmax(-1)
+    return logprobs[..., list(token_ids)].logsumexp(-1)
+
+
+def output_gradient(model, hook: str, tokens: Tensor, mask: Tensor,
+                    token_ids: Sequence[int]) -> Tensor:
+    """Gradient ``[d_model]`` of the mean (over ``mask``ed positions) log-probability of
+    ``token_ids`` with respect to a vector added at ``hook`` on those positions."""
+    device = next(model.parameters()).device
+    delta = torch.zeros(model.cfg.d_model, device=device, requires_grad=True)
+    where = mask.to(device)[..., None]
+
+    def add_delta(act: Tensor, hook) -> Tensor:
+        return act + where.to(act.dtype) * delta.to(act.dtype)
+
+    with torch.enable_grad(), model.hooks(fwd_hooks=[(hook, add_delta)]):
+        logits = model(tokens.to(device), return_type="logits")
+        objective = concept_log_mass(logits, token_ids)[mask.to(device)].mean()
+        (gradient,) = torch.autograd.grad(objective, delta)
+    return gradient.detach().float().cpu()
+
+
+@torch.no_grad()
+def screen_directions(model, hook: str, directions: Tensor, norms: Sequence[float],
+                      tokens: Tensor, mask: Tensor, token_ids: Sequence[int]
+                      ) -> tuple[Tensor, Tensor]:
+    """Each unit direction ``[n, d_model]`` added with each norm at every non-BOS position:
+    ``(lift [n, len(norms)], kl [n, len(norms)])``, the mean change in log p(concept tokens)
+    and the mean KL(unsteered || steered) over the real positions."""
+    device = next(model.parameters()).device
+    tokens, mask = tokens.to(device), mask.to(device)
+    base = model(tokens, return_type="logits").float().log_softmax(-1)[mask]
+    base_mass = base[:, list(token_ids)].logsumexp(-1)
+    lift = torch.zeros(len(directions), len(norms))
+    kl = torch.zeros(len(directions), len(norms))
+    for i, direction in enumerate(directions):
+        for j, norm in enumerate(norms):
+            with steer(model, SteeringVector(direction * norm, hook)):
+                logprobs = model(tokens, return_type="logits").float().log_softmax(-1)[mask]
+            lift[i, j] = (logprobs[:, list(token_ids)].logsumexp(-1) - base_mass).mean()
+            kl[i, j] = (base.exp() * (base - logprobs)).sum(-1).clamp_min(0).mean()
+    return lift, kl
+
+
+@torch.inference_mode()
+def window_activations(model, hook: str, windows: Sequence[Tensor]) -> Tensor:
+    """Activations at ``hook`` of each token window (run with BOS first, BOS dropped),
+    concatenated: ``[tokens, d_model]``."""
+    bos = model.tokenizer.bos_token_id
+    device = next(model.parameters()).device
+    out = []
+    for window in windows:
+        ids = torch.cat([torch.tensor([bos]), window.cpu()])[None].to(device)
+        out.append(model_activations(model, hook, ids)[0, 1:].float().cpu())
+    if not out:
+        raise ConceptError("No concept texts to read activations from.")
+    return torch.cat(out)
+
+
+# --- the search --------------------------------------------------------------------------------
+
+def pool_candidates(sae, directions: Tensor, gradient: Tensor, concept_acts: Tensor,
+                    mean_difference: Tensor, statistics: FeatureStatistics,
+                    per_ranking: int) -> list[Candidate]:
+    """The top ``per_ranking`` features of the output, input and alignment rankings, pooled
+    (in that order, each feature once)."""
+    norms = directions.norm(dim=-1).clamp_min(1e-12)
+    unit = directions / norms[:, None]
+    output = unit @ gradient
+    alignment = unit @ F.normalize(mean_difference.float(), dim=0)
+    hits = search_features(sae, concept_acts, statistics=statistics, top=per_ranking)
+    rankings = {
+        "output": output.topk(per_ranking).indices.tolist(),
+        "input": [h.feature for h in hits if h.score > 0],
+        "alignment": alignment.topk(per_ranking).indices.tolist(),
+    }
+    pooled: dict[int, Candidate] = {}
+    for source, features in rankings.items():
+        for f in features:
+            if f not in pooled:
+                pooled[f] = Candidate(f, [], float(output[f]), float(norms[f]))
+            pooled[f].sources.append(source)
+    return list(pooled.values())
+
+
+def clamp_plan(sae, features: Sequence[int], directions: Tensor, strength: float,
+               scale: float) -> Intervention:
+    """Clamp ``features`` together so that their edits add up to norm ``strength * scale``
+    (each feature's share ``1/sqrt(n)`` of it)."""
+    share = strength * scale / math.sqrt(len(features))
+    return Intervention(sae, clamp={f: share / float(directions[f].norm()) for f in features})
+
+
+def best_setting(points: Sequence[tuple[object, dict]], base_perplexity: float,
+                 max_ratio: float) -> tuple[object, dict] | None:
+    """The (key, measured point) with the highest mention rate among those whose perplexity is
+    at most ``max_ratio`` x ``base_perplexity`` (ties: lower perplexity); None if none is."""
+    ok = [(key, p) for key, p in points if p["perplexity"] is not None
+          and p["perplexity"] <= max_ratio * base_perplexity]
+    if not ok:
+        return None
+    return max(ok, key=lambda kp: (kp[1]["mention_rate"], -kp[1]["perplexity"]))
+
+
+def validate_plans(model, plans: dict[object, list], prompts: Sequence[str],
+                   keywords: Sequence[str], search: ConceptSearch,
+                   neutral_texts: Sequence[str]) -> tuple[dict, list[tuple[object, dict]]]:
+    """Generate under each plan from ``prompts``: ``(unsteered point, [(key, point), ...])``."""
+    keys = list(plans)
+    sweep = steering_sweep(model, [plans[k] for k in keys], prompts, keywords,
+                           search.max_new_tokens, search.samples_per_prompt, search.temperature,
+                           search.seed, neutral_texts)
+    return sweep["baseline"], list(zip(keys, sweep["curve"]))
+
+
+def choose_steering(model, sae, candidates: list[Candidate], directions: Tensor, scale: float,
+                    keywords: Sequence[str], search: ConceptSearch,
+                    validation_prompts: Sequence[str], progress=None
+                    ) -> tuple[SteeringChoice, dict, list[dict]]:
+    """Validate the best-screened candidates by generation (see the module docstring):
+    ``(choice, unsteered point, every validated setting as a dict)``. When no setting keeps
+    perplexity within budget, the choice is the best feature's gentlest edit with the highest
+    rate, marked as not meeting the target."""
+    ranked = sorted(candidates, key=lambda c: -max(c.screen_lift, default=-math.inf))
+    top = [c.feature for c in ranked[:search.validate]]
+    settings = {(f, s): [clamp_plan(sae, [f], directions, s, scale)]
+                for f in top for s in search.strengths}
+    base, points = validate_plans(model, settings, validation_prompts, keywords, search,
+                                  validation_prompts)
+    if progress:
+        progress(f"validated {len(points)} single-feature settings")
+    log = [_validation_row(key[:1], key[1], p) for key, p in points]
+    best = best_setting(points, base["perplexity"], search.max_perplexity_ratio)
+    chosen = None if best is None else ([best[0][0]], best[0][1], best[1])
+    within_budget = chosen is not None
+    if (chosen is None or chosen[2]["mention_rate"] < search.target_rate) and search.combine > 1:
+        per_feature = {}
+        for (f, _), p in points:
+            per_feature[f] = max(per_feature.get(f, 0.0), p["mention_rate"])
+        group = sorted(top, key=lambda f: -per_feature[f])[:search.combine]
+        group_settings = {(tuple(group), s): [clamp_plan(sae, group, directions, s, scale)]
+                          for s in search.strengths}
+        _, group_points = validate_plans(model, group_settings, validation_prompts, keywords,
+                                         search, validation_prompts)
+        log += [_validation_row(list(key[0]), key[1], p) for key, p in group_points]
+        best_group = best_setting(group_points, base["perplexity"], search.max_perplexity_ratio)
+        if best_group is not None and (chosen is None or best_group[1]["mention_rate"]
+                                       > chosen[2]["mention_rate"]):
+            chosen = (list(best_group[0][0]), best_group[0][1], best_group[1])
+            within_budget = True
+    if chosen is None:  # nothing within the perplexity budget: the gentlest edit of the best
+        (f, strength), point = max(points, key=lambda kp: (kp[1]["mention_rate"], -kp[0][1]))
+        chosen = ([f], strength, point)
+    features, strength, point = chosen
+    plan = clamp_plan(sae, features, directions, strength, scale)
+    return SteeringChoice(features, [plan.clamp[f] for f in features], strength,
+                          point["mention_rate"], point["perplexity"],
+                          within_budget and point["mention_rate"] >= search.target_rate,
+                          within_budget), base, log
+
+
+def _validation_row(features, strength: float, point: dict) -> dict:
+    return {"features": [int(f) for f in features], "strength": strength,
+            "mention_rate": point["mention_rate"], "perplexity": point["perplexity"]}
+
+
+def read_validation_prompts(path: str | Path | None = None) -> list[str]:
+    """The prompts features are chosen on: ``path``, or the shipped validation prompts (which
+    share none with the shipped evaluation prompts)."""
+    return read_prompts(path if path is not None else VALIDATION_PROMPTS)
+
+
+def benchmark_concepts() -> dict[str, list[str]]:
+    """The steering benchmark's concepts: name -> keywords (12 the default corpus covers, and
+    the Golden Gate Bridge)."""
+    import json
+
+    return json.loads(BENCHMARK_CONCEPTS.read_text())
+
+
+def concept_activations(model, sae, texts: ConceptTexts) -> Tensor:
+    """Activations ``[tokens, d_in]`` at the SAE's hook over the concept's text windows."""
+    return window_activations(model, model_hook(sae), texts.windows)
+
+
+# --- the whole search, its report, and the command line ------------------------------------------
+
+@dataclass
+class ConceptSelection:
+    """What ``select_concept_features`` found: the choice, and what it was built from."""
+
+    name: str
+    keywords: list[str]
+    hook: str
+    choice: SteeringChoice
+    directions: Tensor  # [d_sae, d_in] raw decoder directions
+    scale: float  # residual_scale of the reference
+    mean_difference: Tensor  # [d_in]
+    concept_projection: float  # mean over the concept texts of (x - reference mean) . unit(v)
+    reference_mean: Tensor  # [d_in]
+    texts: ConceptTexts
+    n_texts: int
+    token_ids: list[int]
+    candidates: list[Candidate]
+    validation_base: dict
+    validation: list[dict]
+    validation_prompts: list[str]
+
+    def plan(self, sae, strength: float, edit: str = "clamp") -> list:
+        """The chosen features at edit norm ``strength`` x ``scale``, clamped or added."""
+        plan = clamp_plan(sae, self.choice.features, self.directions, strength, self.scale)
+        return [plan if edit == "clamp" else Intervention(sae, add=plan.clamp)]
+
+    def vector(self, strength: float) -> SteeringVector:
+        """The mean-difference direction at norm ``strength`` x ``scale``."""
+        return SteeringVector(F.normalize(self.mean_difference, dim=0) * strength * self.scale,
+                              self.hook)
+
+
+def select_concept_features(model, sae, tokens: Tensor, reference: Tensor,
+                            statistics: FeatureStatistics, name: str, keywords: Sequence[str],
+                            extra_texts: Sequence[str] = (), search: ConceptSearch | None = None,
+                            validation_prompts: Sequence[str] | None = None,
+                            progress=None) -> ConceptSelection:
+    """Steps 1-4 of the module docstring. ``tokens`` [n_rows, context]: corpus rows searched
+    for the keywords; ``reference`` [tokens, d_in]: activations of ordinary text at the SAE's
+    hook (base of the mean-difference direction and of ``residual_scale``); ``statistics``: the
+    SAE's corpus statistics (base rates for the input ranking)."""
+    from saekit.concept_texts import concept_texts, concept_token_ids, text_windows
+
+    search = search or ConceptSearch()
+    say = progress or (lambda message: None)
+    hook = model_hook(sae)
+    texts = concept_texts(tokens, model.tokenizer, keywords, seed=search.seed)
+    windows = texts.windows + text_windows(model.tokenizer, extra_texts)
+    say(f"{name}: {texts.n_mentions} mentions of {list(keywords)} in {texts.n_tokens:,} "
+        f"tokens; {len(windows)} concept texts")
+    acts = window_activations(model, hook, windows)
+    reference_mean = reference.float().mean(0)
+    mean_difference = acts.mean(0) - reference_mean
+    unit_v = F.normalize(mean_difference, dim=0)
+    scale = residual_scale(reference)
+    validation = list(validation_prompts or read_validation_prompts())
+    token_ids = concept_token_ids(model.tokenizer, keywords)
+    prompt_tokens, mask = prompt_batch(model, validation)
+    gradient = output_gradient(model, hook, prompt_tokens, mask, token_ids)
+    directions = decoder_directions(sae)
+    candidates = pool_candidates(sae, directions, gradient, acts, mean_difference, statistics,
+                                 search.candidates_per_ranking)
+    screen_norms = [s * scale for s in search.strengths[1:3] or search.strengths]
+    unit = torch.stack([directions[c.feature] / c.direction_norm for c in candidates])
+    lift, kl = screen_directions(model, hook, unit, screen_norms, prompt_tokens, mask, token_ids)
+    for candidate, l, k in zip(candidates, lift.tolist(), kl.tolist()):
+        candidate.screen_lift, candidate.screen_kl = l, k
+    say(f"{name}: screened {len(candidates)} candidate features")
+    choice, base, validated = choose_steering(model, sae, candidates, directions, scale, keywords,
+                                              search, validation, progress=say)
+    return ConceptSelection(name, list(keywords), hook, choice, directions, scale,
+                            mean_difference, float(((acts - reference_mean) @ unit_v).mean()),
+                            reference_mean, texts, len(windows), token_ids, candidates, base,
+                            validated, validation)
+
+
+def find_concept_steering(model, sae, tokens: Tensor, reference: Tensor,
+                          statistics: FeatureStatistics, name: str, keywords: Sequence[str],
+                          extra_texts: Sequence[str] = (), search: ConceptSearch | None = None,
+                          validation_prompts: Sequence[str] | None = None,
+                          evaluation_prompts: Sequence[str] | None = None,
+                          evaluation_samples: int = 3, vector_strengths: Sequence[float] = (),
+                          progress=None) -> dict:
+    """Select (``select_concept_features``) and measure on the evaluation prompts, which were
+    not used to choose: the ``concept.json`` dict. ``vector_strengths``: also measure the
+    concept's mean-difference vector at these strengths (the baseline), in the same batch."""
+    search = search or ConceptSearch()
+    say = progress or (lambda message: None)
+    found = select_concept_features(model, sae, tokens, reference, statistics, name, keywords,
+                                    extra_texts, search, validation_prompts, progress)
+    choice = found.choice
+    evaluation = list(evaluation_prompts or read_prompts())
+    plans = [found.plan(sae, choice.strength)] + [[found.vector(s)] for s in vector_strengths]
+    sweep = steering_sweep(model, plans, evaluation, keywords, search.max_new_tokens,
+                           evaluation_samples, search.temperature, search.seed + 1)
+    unsteered, steered = sweep["baseline"], sweep["curve"][0]
+    verdict = concept_verdict(name, choice, unsteered, steered, search)
+    say(verdict)
+    return {
+        "concept": name, "keywords": list(keywords), "hook": found.hook,
+        "model": getattr(model, "saekit_model_name", None) or sae.cfg.metadata.model_name,
+        "features": choice.features, "values": choice.values, "strength": choice.strength,
+        "residual_scale": found.scale,
+        "target_met": _meets(unsteered, steered, search), "verdict": verdict,
+        "unsteered": _summary(unsteered), "steered": _summary(steered),
+        "n_generations": unsteered["n_generations"],
+        "samples": {"unsteered": unsteered["samples"], "steered": steered["samples"]},
+        "mean_difference": [_summary(point) | {"strength": s, "samples": point["samples"]}
+                            for s, point in zip(vector_strengths, sweep["curve"][1:])],
+        "retrieval": {"n_mentions": found.texts.n_mentions,
+                      "n_tokens_searched": found.texts.n_tokens, "n_texts": found.n_texts,
+                      "examples": found.texts.texts[:5]},
+        "concept_token_ids": found.token_ids,
+        "candidates": [vars(c) for c in found.candidates],
+        "validation": {"unsteered": _summary(found.validation_base),
+                       "settings": found.validation, "prompts": found.validation_prompts,
+                       "chosen_within_perplexity_budget": choice.within_budget},
+        "search": vars(search) | {"evaluation_samples_per_prompt": evaluation_samples,
+                                  "evaluation_prompts": evaluation},
+        "mean_difference_norm": float(found.mean_difference.norm()),
+    }
+
+
+def _summary(point: dict | None) -> dict | None:
+    if point is None:
+        return None
+    return {k: point[k] for k in ("mention_rate", "perplexity", "kl_neutral", "n_generations")}
+
+
+def _meets(unsteered: dict, steered: dict | None, search: ConceptSearch) -> bool:
+    return bool(steered and steered["mention_rate"] >= search.target_rate
+                and unsteered["mention_rate"] < 0.05 and steered["perplexity"] is not None
+                and steered["perplexity"] <= search.max_perplexity_ratio
+                * unsteered["perplexity"])
+
+
+def concept_verdict(name: str, choice: SteeringChoice | None, unsteered: dict,
+                    steered: dict | None, search: ConceptSearch) -> str:
+    """One sentence: which features steer to ``name``, how well, or that none does."""
+    base = (f"unsteered {100 * unsteered['mention_rate']:.0f}% at perplexity "
+            f"{unsteered['perplexity']:.1f}")
+    if choice is None or steered is None:
+        return (f"{name}: no candidate feature kept perplexity within "
+                f"{search.max_perplexity_ratio:g}x the unsteered text's on the validation "
+                f"prompts; nothing to clamp ({base}).")
+    what = ("feature " if len(choice.features) == 1 else "features ") + \
+        ", ".join(map(str, choice.features))
+    met = _meets(unsteered, steered, search)
+    return (f"{name}: {'target met' if met else 'target missed'}: clamping {what} "
+            f"(edit {choice.strength:g}x the residual scale) gives "
+            f"{100 * steered['mention_rate']:.0f}% mentions at perplexity "
+            f"{steered['perplexity']:.1f} ({base}; target >= "
+            f"{100 * search.target_rate:.0f}% at <= {search.max_perplexity_ratio:g}x).")

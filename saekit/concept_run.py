@@ -1,0 +1,162 @@
+"""``saekit concept``: find, validate and measure the SAE feature(s) that steer to a concept.
+
+    saekit concept --sae DIR --name volcano --keywords "volcano,volcanic,lava,eruption" \\
+        [--activations CACHE | --dataset default --tokens N] [--texts FILE] [--prompts FILE] \\
+        --out DIR
+
+writes ``OUT/concept.json`` (see ``saekit.concept.find_concept_steering``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+from saekit.concept import ConceptSearch, find_concept_steering
+from saekit.concept_texts import ConceptError, keyword_list
+from saekit.corpus import DEFAULT_CORPUS
+
+RESULT_JSON = "concept.json"
+
+
+@dataclass
+class ConceptConfig:
+    """What ``saekit concept`` runs. Its flags are these fields (and ``ConceptSearch``'s)."""
+
+    sae: str = ""  # saved SAE folder
+    name: str = ""  # the concept's name, e.g. volcano
+    keywords: list[str] = field(default_factory=list)  # words that mention it
+    out: str = ""  # folder for concept.json
+    activations: str = ""  # activation cache to search (else --dataset and --tokens)
+    dataset: str = DEFAULT_CORPUS
+    tokens: int = 1_000_000  # tokens of --dataset searched for the keywords
+    texts: str = ""  # file of extra concept texts, one per line
+    prompts: str = ""  # evaluation prompts file (default: the shipped neutral prompts)
+    validation_prompts: str = ""  # prompts features are chosen on (default: shipped)
+    evaluation_samples: int = 3  # generations per evaluation prompt
+    statistics_rows: int = 256  # corpus rows for base rates and the reference activations
+    device: str = ""
+
+    def check(self) -> None:
+        """Raise ``ConceptError`` for settings that cannot work, before any work starts."""
+        for what in ("sae", "name", "out"):
+            if not getattr(self, what):
+                raise ConceptError(f"saekit concept needs --{what}.")
+        self.keywords = keyword_list(self.keywords)
+        for what in ("tokens", "evaluation_samples", "statistics_rows"):
+            if getattr(self, what) < 1:
+                raise ConceptError(f"--{what.replace('_', '-')} must be >= 1, got "
+                                   f"{getattr(self, what)}.")
+        for what in ("activations", "texts", "prompts", "validation_prompts"):
+            path = getattr(self, what)
+            if path and not Path(path).exists():
+                raise ConceptError(f"--{what.replace('_', '-')} {path} does not exist.")
+        out = Path(self.out)
+        if out.exists() and not out.is_dir():
+            raise ConceptError(f"--out {out} is a file; give a folder.")
+
+
+def check_search(search: ConceptSearch) -> None:
+    """Raise ``ConceptError`` for strengths, counts or ratios that cannot work."""
+    if not search.strengths or any(not (math.isfinite(s) and s > 0) for s in search.strengths):
+        raise ConceptError(f"--strengths must be finite numbers > 0, got {search.strengths}.")
+    for what in ("candidates_per_ranking", "validate", "max_new_tokens", "samples_per_prompt",
+                 "combine"):
+        if getattr(search, what) < 1:
+            raise ConceptError(f"--{what.replace('_', '-')} must be >= 1, got "
+                               f"{getattr(search, what)}.")
+    if not (math.isfinite(search.temperature) and search.temperature >= 0):
+        raise ConceptError(f"--temperature must be finite and >= 0, got {search.temperature}.")
+    if not (math.isfinite(search.max_perplexity_ratio) and search.max_perplexity_ratio > 0):
+        raise ConceptError("--max-perplexity-ratio must be finite and > 0, got "
+                           f"{search.max_perplexity_ratio}.")
+    if not 0 < search.target_rate <= 1:
+        raise ConceptError(f"--target-rate must be in (0, 1], got {search.target_rate}.")
+
+
+def corpus_source(model, sae, config: ConceptConfig):
+    """``(tokens [rows, ctx], reference [tokens, d_in], statistics)`` from the cache or, without
+    one, from ``config.tokens`` tokens of ``config.dataset`` run through the model."""
+    from saekit.analyse import ModelSource, feature_statistics, model_hook
+    from saekit.cache import ActivationCache, leading_activations
+    from saekit.concept import window_activations
+    from saekit.corpus import load_corpus, pack_token_rows
+
+    hook = model_hook(sae)
+    if config.activations:
+        cache = ActivationCache.open(config.activations)
+        cache.check_hook(hook)
+        statistics = feature_statistics(sae, cache, max_rows=config.statistics_rows)
+        reference = leading_activations(cache, config.statistics_rows * (cache.context - 1),
+                                        hook=hook)
+        return cache.tokens(), reference, statistics
+    context = 128
+    tokens = pack_token_rows(load_corpus(config.dataset), model.tokenizer,
+                             max(1, config.tokens // context), context)
+    sample = tokens[:config.statistics_rows]
+    statistics = feature_statistics(sae, ModelSource(model, sample))
+    reference = window_activations(model, hook, [row[1:] for row in sample])
+    return tokens, reference, statistics
+
+
+def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
+                progress=print) -> dict:
+    """Run the search on ``config`` and write ``OUT/concept.json``; returns its dict."""
+    from saekit.capture import check_hooks
+    from saekit.files import write_json
+    from saekit.steer import load_sae_and_model
+    from saekit.steer_eval import read_prompts
+
+    search = search or ConceptSearch()
+    config.check()
+    check_search(search)
+    sae, model = load_sae_and_model(config.sae, config.device or None)
+    check_hooks(model, [sae.cfg.metadata.hook_name or ""])
+    extra = read_prompts(config.texts) if config.texts else []
+    tokens, reference, statistics = corpus_source(model, sae, config)
+    result = find_concept_steering(
+        model, sae, tokens, reference, statistics, config.name, config.keywords, extra, search,
+        validation_prompts=read_prompts(config.validation_prompts)
+        if config.validation_prompts else None,
+        evaluation_prompts=read_prompts(config.prompts) if config.prompts else None,
+        evaluation_samples=config.evaluation_samples, progress=progress)
+    result["sae"] = config.sae
+    write_json(Path(config.out) / RESULT_JSON, result)
+    return result
+
+
+def result_table(result: dict) -> str:
+    """``concept.json`` as a few readable lines."""
+    lines = [f"concept {result['concept']!r} (keywords {', '.join(result['keywords'])}) at "
+             f"{result['hook']}: features {result['features'] or 'none'}, clamp values "
+             f"{', '.join(f'{v:.3g}' for v in result['values']) or '-'}",
+             f"{'':12}{'mention rate':>14}{'perplexity':>12}{'KL neutral':>12}"]
+    for label in ("unsteered", "steered"):
+        point = result[label]
+        if point is not None:
+            lines.append(f"{label:12}{100 * point['mention_rate']:>13.1f}%"
+                         f"{point['perplexity']:>12.2f}{point['kl_neutral']:>12.3f}")
+    lines.append(f"over {result['n_generations']} generations each; {result['verdict']}")
+    return "\n".join(lines)
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    from saekit.cli import add_config_arguments, config_from_args
+
+    parser = subparsers.add_parser("concept", help="find the SAE feature(s) that steer to a "
+                                   "concept given its name and keywords; validate and measure")
+    add_config_arguments(parser, ConceptConfig)
+    add_config_arguments(parser, ConceptSearch)
+
+    def run(args: argparse.Namespace) -> None:
+        result = run_concept(config_from_args(ConceptConfig, args),
+                             config_from_args(ConceptSearch, args))
+        print(result_table(result))
+        print(f"wrote {Path(args.out) / RESULT_JSON}")
+
+    parser.set_defaults(run=run)
+    return parser
+

@@ -1,0 +1,157 @@
+"""``saekit concept``: keyword retrieval over token rows, the concept's vocabulary, and the
+whole search on the real model with an SAE that has one planted concept feature among random
+ones: it must find that feature, whose edit raises the probability of the concept's words most."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from saekit.cli import main
+from saekit.concept import (ConceptSearch, decoder_directions, find_concept_steering,
+                            residual_scale)
+from saekit.concept_texts import (ConceptError, concept_texts, concept_token_ids,
+                                  find_mentions, keyword_list)
+from saekit.concept_run import ConceptConfig, check_search
+from saekit.corpus import load_corpus, pack_token_rows
+from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+
+HOOK = "blocks.6.hook_resid_post"
+PLANTED = 7
+KEYWORDS = ["cheese*", "cheddar"]
+
+
+@pytest.fixture(scope="module")
+def rows(model):
+    """60k tokens of the default corpus as 128-token rows."""
+    return pack_token_rows(load_corpus("default"), model.tokenizer, 470, 128)
+
+
+@pytest.fixture(scope="module")
+def planted(model, rows, tmp_path_factory):
+    """A TopK SAE (512 random latents) whose latent 7 reads and writes the cheese direction:
+    the mean activation around 'cheese' mentions minus the mean over ordinary rows."""
+    from saekit.concept import window_activations
+
+    texts = concept_texts(rows, model.tokenizer, KEYWORDS, max_texts=32)
+    concept = window_activations(model, HOOK, texts.windows)
+    ordinary = window_activations(model, HOOK, [r[1:] for r in rows[:16]])
+    direction = F.normalize(concept.mean(0) - ordinary.mean(0), dim=0)
+    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(
+        hook_name=HOOK, model_name="gemma-3-270m")))
+    sae.init_from_data(ordinary)
+    with torch.no_grad():
+        sae.W_dec[PLANTED] = direction
+        sae.W_enc[:, PLANTED] = direction / residual_scale(ordinary)
+    folder = tmp_path_factory.mktemp("planted") / "sae"
+    sae.save(folder)
+    return folder, sae
+
+
+def test_mentions_map_to_the_keyword_tokens(model, rows):
+    found = find_mentions(rows, model.tokenizer, KEYWORDS, model.tokenizer.bos_token_id)
+    assert found
+    for row, first, last in found[:20]:
+        text = model.tokenizer.decode(rows[row, first:last + 1].tolist()).lower()
+        assert "chees" in text or "cheddar" in text
+    texts = concept_texts(rows, model.tokenizer, KEYWORDS, max_texts=5)
+    assert len(texts.texts) == 5 and texts.n_mentions == len(found)
+    assert all("chees" in t.lower() or "cheddar" in t.lower() for t in texts.texts)
+    assert all(model.tokenizer.bos_token_id not in w.tolist() for w in texts.windows)
+
+
+def test_no_mention_is_a_clear_error_naming_the_count(model, rows):
+    with pytest.raises(ConceptError, match=r"occur 0 times in the 60,160 tokens"):
+        concept_texts(rows, model.tokenizer, ["zqxwvplonk"])
+    with pytest.raises(ConceptError, match="at least one keyword"):
+        keyword_list(" , ")
+
+
+def test_concept_token_ids_start_the_keywords(model):
+    tokenizer = model.tokenizer
+    ids = concept_token_ids(tokenizer, ["cheese*"])
+    assert tokenizer(" cheese", add_special_tokens=False)["input_ids"][0] in ids
+    assert tokenizer(" Cheese", add_special_tokens=False)["input_ids"][0] in ids
+    assert all(len(tokenizer.decode([i]).strip()) >= 3 for i in ids)
+
+
+def test_decoder_directions_are_what_one_unit_adds(planted):
+    _, sae = planted
+    directions = decoder_directions(sae)
+    one = torch.zeros(1, sae.d_sae)
+    one[0, 3] = 1.0
+    torch.testing.assert_close(directions[3], (sae.decode(one) - sae.decode(one * 0))[0])
+
+
+def test_search_finds_the_planted_feature_and_it_steers(model, planted, rows):
+    folder, sae = planted
+    from saekit.analyse import ModelSource, feature_statistics
+    from saekit.concept import window_activations
+
+    sample = rows[:16]
+    statistics = feature_statistics(sae, ModelSource(model, sample))
+    reference = window_activations(model, HOOK, [r[1:] for r in sample])
+    search = ConceptSearch(candidates_per_ranking=4, validate=2, strengths=[1.0, 2.0, 3.0],
+                           max_new_tokens=12, samples_per_prompt=1, combine=1)
+    prompts = ["I think that", "Tell me about your weekend.", "My favourite place is"]
+    result = find_concept_steering(model, sae, rows, reference, statistics, "cheese", KEYWORDS,
+                                   search=search, validation_prompts=prompts[:2] + ["Here is"],
+                                   evaluation_prompts=prompts, evaluation_samples=2)
+    assert result["features"] == [PLANTED]
+    lifts = {c["feature"]: max(c["screen_lift"]) for c in result["candidates"]}
+    assert lifts[PLANTED] == max(lifts.values()) and lifts[PLANTED] > 1.0  # log p(cheese) up
+    assert result["n_generations"] == 6 and len(result["samples"]["steered"]) == 6
+    assert {"concept", "keywords", "features", "values", "unsteered", "steered",
+            "n_generations", "samples"} <= set(result)
+    sources = {c["feature"]: c["sources"] for c in result["candidates"]}
+    assert "alignment" in sources[PLANTED]
+
+
+def test_cli_writes_concept_json_and_rejects_bad_input(planted, tmp_path, capsys):
+    folder, _ = planted
+    out = tmp_path / "out"
+    common = ["concept", "--sae", str(folder), "--name", "cheese", "--out", str(out),
+              "--tokens", "20000", "--statistics-rows", "4"]
+    assert main(common + ["--keywords", "zqxwvplonk"]) == 2
+    assert "occur 0 times" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(common + ["--keywords", "cheese", "--strengths=-1,2"]) == 2
+    assert "--strengths must be finite numbers > 0" in capsys.readouterr().err
+    assert main(common + ["--keywords", "cheese", "--strengths", "nan"]) == 2
+    assert not out.exists()
+    assert main(common + ["--keywords", "cheese*,cheddar", "--validate", "1", "--strengths",
+                          "2", "--max-new-tokens", "6", "--samples-per-prompt", "1",
+                          "--evaluation-samples", "1", "--combine", "1",
+                          "--candidates-per-ranking", "2"]) == 0
+    printed = capsys.readouterr().out
+    written = json.loads((out / "concept.json").read_text())
+    assert written["concept"] == "cheese" and written["n_generations"] == 10
+    assert "unsteered" in printed and "steered" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["concept.json"]
+
+
+def test_sae_hook_the_model_lacks_is_a_clear_error(planted, tmp_path, capsys):
+    _, sae = planted
+    sae.cfg.metadata.hook_name = "blocks.40.hook_resid_post"
+    try:
+        folder = tmp_path / "bad"
+        sae.save(folder)
+    finally:
+        sae.cfg.metadata.hook_name = HOOK
+    out = tmp_path / "out"
+    assert main(["concept", "--sae", str(folder), "--name", "x", "--keywords", "cheese",
+                 "--out", str(out)]) == 2
+    assert "layer 40" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_config_checks_before_any_work():
+    with pytest.raises(ConceptError, match="--sae"):
+        ConceptConfig(name="x", keywords=["a"], out="o").check()
+    with pytest.raises(ConceptError, match="--target-rate"):
+        check_search(ConceptSearch(target_rate=1.5))
+    with pytest.raises(ConceptError, match="--temperature"):
+        check_search(ConceptSearch(temperature=float("nan")))
