@@ -41,3 +41,22 @@ def test_demo_tells_the_whole_story(model, tmp_path, capsys, monkeypatch):
     assert "capture blocks" not in captured.err and "train 1 SAE" not in captured.err
     assert "reusing" in captured.out
     assert weights.stat().st_mtime_ns == before
+
+
+def test_shipped_sae_is_what_retrain_trains():
+    """The shipped SAE's recipe is the one ``saekit demo --retrain`` runs, and its cfg.json
+    and weights match that recipe (width, k, hook, model); weights load as float32."""
+    from saekit.demo import RETRAIN_COMMAND, SHIPPED_SAE, recipe
+    from saekit.sae import load_sae
+
+    shipped = json.loads((SHIPPED_SAE / "recipe.json").read_text())
+    assert shipped == {"command": RETRAIN_COMMAND, "train": recipe(DemoConfig())}
+    assert "--retrain" in RETRAIN_COMMAND and "--tokens 1200000" in RETRAIN_COMMAND
+    sae = load_sae(SHIPPED_SAE)
+    config = DemoConfig()
+    assert (sae.cfg.architecture, sae.d_sae, sae.cfg.k) == ("topk", config.latents, config.k)
+    assert sae.cfg.metadata.hook_name == "blocks.6.hook_resid_post"
+    assert sae.cfg.metadata.model_name == "gemma-3-270m"
+    assert sae.W_dec.dtype.is_floating_point and str(sae.W_dec.dtype) == "torch.float32"
+    summary = json.loads((SHIPPED_SAE / "train_summary.json").read_text())
+    assert summary["tokens"] <= config.train_tokens and summary["held_out"]["l0"] == config.k
