@@ -27,9 +27,11 @@ per method: the best rate at perplexity <= 3x unsteered. Writes ``steering_bench
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import common
 import torch
@@ -45,9 +47,9 @@ from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_log
 NAME = "steering_benchmark"
 CONCEPTS = benchmark_concepts()  # name -> keywords, saekit/data/benchmark_concepts.json
 METHODS = ("sae_clamp", "sae_add", "mean_difference", "prompting")
-DEFAULTS = {"concepts": ",".join(CONCEPTS), "strengths": [0.5, 1.0, 1.5, 2.0],
+DEFAULTS = {"concepts": ",".join(CONCEPTS), "strengths": [0.2, 0.35, 0.5],
             "prompts": 10, "samples_per_prompt": 3, "validation_samples": 2,
-            "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "validate": 4,
+            "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "validate": 3,
             "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
 FULL = {"samples_per_prompt": 5}
 
@@ -63,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--validation-samples", type=int, help="per validation prompt (default 2)")
     add("--max-new-tokens", type=int)
     add("--temperature", type=float)
-    add("--validate", type=int, help="candidates validated by generation (default 4)")
+    add("--validate", type=int, help="candidates validated by generation (default 3)")
     add("--candidates-per-ranking", type=int)
     add("--max-perplexity-ratio", type=float)
     return common.parse(parser, NAME, DEFAULTS, FULL, argv)
@@ -218,6 +220,23 @@ def plot(results: dict, strengths: Sequence[float]):
     return heat, curves
 
 
+def resumable_settings(args: argparse.Namespace) -> dict:
+    """The flags a concept's result depends on (not which concepts, nor where to write)."""
+    return {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")}
+
+
+def finished_concepts(args: argparse.Namespace) -> dict:
+    """Concepts an interrupted run with the same settings already measured (resume)."""
+    path = Path(args.out) / f"{NAME}_partial.json"
+    if not path.exists():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved["concepts"] if saved.get("settings") == resumable_settings(args) else {}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -241,11 +260,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                     samples_per_prompt=args.samples_per_prompt,
                                     temperature=args.temperature, seed=args.seed + 1,
                                     positions="all", **neutral)
-    results = {}
+    results = finished_concepts(args)
     for name in names:
+        if name in results:
+            print(f"{name}: measured by an earlier run with the same settings")
+            continue
         keywords = CONCEPTS[name]
         results[name] = run_concept(model, sae, args, name, keywords, cache.tokens(), reference,
                                     statistics, prompts, unsteered, neutral)
+        common.save_results(args.out, NAME + "_partial", None,
+                            {"settings": resumable_settings(args), "concepts": results})
+    results = {name: results[name] for name in names}
     labels = [label for r in results.values() for m in r["methods"].values() for p in m
               for label in p["labels"]]
     rates = [(p["mention_rate"], p["probe_rate"]) for r in results.values()

@@ -20,13 +20,8 @@ from saekit.errors import (  # noqa: E402
 from saekit.formats import load_foreign_sae  # noqa: E402
 from saekit.model import load_model  # noqa: E402
 from saekit.sae import SAE, load_sae  # noqa: E402
-from saekit.steer import (  # noqa: E402
-    Intervention,
-    SteeringError,
-    SteeringVector,
-    generate,
-    steer,
-)
+from saekit.generation import generate  # noqa: E402
+from saekit.steer import Intervention, SteeringError, SteeringVector, steer  # noqa: E402
 from saekit.steer_eval import steering_curve, steering_sweep  # noqa: E402
 
 __all__ = [

@@ -12,7 +12,7 @@ import typing
 from saekit.errors import SaekitError
 
 # modules that add their own sub-commands with register_cli(subparsers)
-COMMAND_MODULES = ("saekit.evaluate", "saekit.dashboard", "saekit.steer", "saekit.steer_eval",
+COMMAND_MODULES = ("saekit.evaluate", "saekit.dashboard", "saekit.generation", "saekit.steer_eval",
                    "saekit.concept_run", "saekit.demo")
 
 

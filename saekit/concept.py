@@ -48,8 +48,9 @@ class ConceptSearch:
     """How hard to look. Strengths are edit norms relative to ``residual_scale``."""
 
     candidates_per_ranking: int = 12
-    validate: int = 4  # candidates validated by generation
-    strengths: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
+    validate: int = 3  # candidates validated by generation
+    # measured on cheese at layer 6: 0.5x already triples perplexity for most features
+    strengths: list[float] = field(default_factory=lambda: [0.2, 0.35, 0.5])
     max_new_tokens: int = 32
     samples_per_prompt: int = 2  # per validation prompt
     temperature: float = 0.7

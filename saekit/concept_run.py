@@ -107,7 +107,7 @@ def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
     """Run the search on ``config`` and write ``OUT/concept.json``; returns its dict."""
     from saekit.capture import check_hooks
     from saekit.files import write_json
-    from saekit.steer import load_sae_and_model
+    from saekit.generation import load_sae_and_model
     from saekit.steer_eval import read_prompts
 
     search = search or ConceptSearch()

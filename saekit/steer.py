@@ -1,4 +1,4 @@
-"""Steer a model through SAE latents ("Golden Gate" style), and generate under steering.
+"""Steer a model through SAE latents ("Golden Gate" style); ``saekit.generation`` samples under it.
 
 At each steered position of a hook, with ``x`` the activation there::
 
@@ -18,7 +18,6 @@ step) starts at the cache's length, any other pass at 0.
 
 from __future__ import annotations
 
-import argparse
 import math
 import operator
 from collections.abc import Iterator, Mapping, Sequence
@@ -377,145 +376,3 @@ def steer(model, *interventions: Any, clamp: Mapping[int, float] | None = None,
     finally:
         if handle is not None:
             handle.remove()
-
-
-def model_device(model) -> torch.device:
-    """The device ``model`` runs on."""
-    device = getattr(model.cfg, "device", None)
-    return torch.device(device) if device is not None else next(model.parameters()).device
-
-
-def sample_next(logits: Tensor, temperature: float, generator: torch.Generator,
-                noise_period: int | None = None) -> Tensor:
-    """One token per row of ``logits`` [batch, d_vocab]: greedy at temperature 0, else drawn
-    from softmax(logits / temperature) by inverting its CDF with one uniform per row (exact,
-    and far cheaper over a 262k vocabulary than ``torch.multinomial``)."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    cdf = (logits.float() / temperature).softmax(-1).cumsum(-1)
-    period = noise_period or len(cdf)
-    uniform = torch.rand(period, 1, generator=generator, device=cdf.device)
-    uniform = uniform.repeat(-(-len(cdf) // period), 1)[:len(cdf)] * cdf[:, -1:]
-    return torch.searchsorted(cdf, uniform, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
-
-
-@torch.no_grad()
-def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequence[Any] = (),
-                  max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0,
-                  positions: Positions = "all", noise_period: int | None = None) -> Tensor:
-    """New tokens [batch, <= max_new_tokens] sampled after ``prompts``, steered.
-
-    ``prompts``: token ids [batch, prompt], or texts, which are generated as one batch, left-
-    padded (BOS first) with an attention mask. Decoding is incremental over the model's KV
-    cache; sampling is seeded by its own generator (the global RNG is not touched);
-    ``temperature`` 0 is greedy. Rows that stop early are padded with EOS. With
-    ``noise_period`` n, row i draws the random numbers of row i % n, so blocks of n rows
-    (settings generated together, see ``OnRows``) differ only by their steering.
-    """
-    from transformer_lens.utilities import get_attention_mask
-
-    if not temperature >= 0 or not math.isfinite(temperature):
-        raise SteeringError(f"temperature must be a finite number >= 0, got {temperature}.")
-    if max_new_tokens < 1:
-        raise SteeringError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    device = model_device(model)
-    if isinstance(prompts, Tensor):
-        tokens = prompts.to(device)
-        mask = torch.ones_like(tokens)
-    else:
-        tokens = model.to_tokens(list(prompts), padding_side="left").to(device)
-        mask = get_attention_mask(model.tokenizer, tokens, prepend_bos=True,
-                                  padding_side="left").to(device).long()
-    stop = torch.tensor(sorted(stop_token_ids(model)), device=device, dtype=torch.long)
-    fill = int(stop[0]) if len(stop) else 0
-    generator = torch.Generator(device=device).manual_seed(seed)
-    new = []
-    done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
-    with steer(model, *interventions, positions=positions):
-        logits, cache = model(tokens, return_type="logits_and_cache", attention_mask=mask,
-                              use_cache=True)
-        for step in range(max_new_tokens):
-            token = sample_next(logits[:, -1], temperature, generator, noise_period)
-            token = torch.where(done, torch.full_like(token, fill), token)
-            new.append(token)
-            done |= torch.isin(token, stop)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits, cache = model(token[:, None], return_type="logits_and_cache",
-                                  attention_mask=mask, past_key_values=cache)
-    return torch.stack(new, dim=1)
-
-
-def stop_token_ids(model) -> set[int]:
-    """The token ids generation stops at (and pads finished rows with)."""
-    ids = getattr(model.cfg, "eos_token_id", None)
-    ids = [ids] if isinstance(ids, int) else list(ids or [])
-    eos = getattr(getattr(model, "tokenizer", None), "eos_token_id", None)
-    return set(ids) | ({eos} if eos is not None else set())
-
-
-def generate(model, prompt: str, sae: SAE | None = None,
-             clamp: Mapping[int, float] | None = None, add: Mapping[int, float] | None = None,
-             ablate: Sequence[int] | None = None, max_new_tokens: int = 30,
-             temperature: float = 0.7, seed: int = 0, positions: Positions = "all",
-             hook: str | None = None) -> str:
-    """The continuation of ``prompt`` (text only, without the prompt), steered through ``sae``.
-
-    Seeded sampling: the same seed gives the same text; ``temperature`` 0 is greedy.
-    """
-    if sae is None and any(v for v in (clamp, add, ablate, hook)):
-        raise SteeringError("clamp, add, ablate and hook need an sae.")
-    plan = [] if sae is None else [Intervention(sae, clamp or {}, add or {}, ablate or (), hook)]
-    tokens = model.to_tokens(prompt)
-    new = sample_tokens(model, tokens, plan, max_new_tokens, temperature, seed, positions)
-    return model.tokenizer.decode(new[0].tolist(), skip_special_tokens=True)
-
-
-# --- command line ----------------------------------------------------------------------------
-
-def load_sae_and_model(sae_dir: str, device: str | None = None):
-    """``(sae, model)``: the SAE at ``sae_dir`` and the model its metadata names, on one device."""
-    from saekit.model import DEFAULT_MODEL, default_device, load_model
-    from saekit.sae import load_sae
-
-    device = default_device(device)
-    sae = load_sae(sae_dir, device=device)
-    model = load_model(sae.cfg.metadata.model_name or DEFAULT_MODEL, device=device)
-    return sae, model
-
-
-def run_steer(args: argparse.Namespace) -> None:
-    sae, model = load_sae_and_model(args.sae, args.device)
-    common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-              "seed": args.seed, "positions": args.positions}
-    steered = generate(model, args.prompt, sae, clamp={args.feature: args.value}, **common)
-    print(f"=== steered: clamp feature {args.feature} = {args.value:g} at "
-          f"{sae.cfg.metadata.hook_name} (seed {args.seed}) ===")
-    print(args.prompt + steered)
-    if args.compare:
-        print(f"=== unsteered (seed {args.seed}) ===")
-        print(args.prompt + generate(model, args.prompt, **common))
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``saekit steer`` to the CLI's sub-parsers."""
-    parser = subparsers.add_parser("steer", help="generate text with one SAE feature clamped")
-    parser.add_argument("--sae", required=True, help="saved SAE folder")
-    parser.add_argument("--feature", type=int, required=True, help="latent index")
-    parser.add_argument("--value", type=float, required=True,
-                        help="clamp value, in the SAE's activation units")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--compare", action="store_true", help="also print the unsteered text")
-    add_generation_arguments(parser)
-    parser.set_defaults(run=run_steer)
-    return parser
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sampling and placement flags shared by ``saekit steer`` and ``saekit steer-eval``."""
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--positions", choices=POSITIONS, default="all")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")

@@ -20,9 +20,9 @@ from torch import Tensor
 
 from saekit.files import atomic_path, write_json
 from saekit.sae import SAE
-from saekit.steer import (Intervention, OnRows, Positions, SteeringError, add_generation_arguments,
-                          load_sae_and_model, sample_tokens, steer,
-                          stop_token_ids)
+from saekit.generation import (add_generation_arguments, load_sae_and_model, sample_tokens,
+                               stop_token_ids)
+from saekit.steer import Intervention, OnRows, Positions, SteeringError, steer
 
 NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
 RESULT_JSON = "steering_curve.json"

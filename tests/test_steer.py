@@ -11,8 +11,8 @@ import torch
 from saekit import HookNameError
 from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
 from saekit.directions import mean_difference_direction
-from saekit.steer import (Intervention, PositionTracker, SteeringError, SteeringVector, generate,
-                          register_cli, sample_tokens, steer)
+from saekit.generation import generate, register_cli, sample_tokens
+from saekit.steer import Intervention, PositionTracker, SteeringError, SteeringVector, steer
 
 HOOK = "blocks.6.hook_resid_post"
 PROMPT = "My favourite place is"
@@ -170,9 +170,8 @@ def test_generate_is_seeded_and_a_huge_clamp_changes_the_text(model, sae):
 
 
 def test_cli_prints_steered_and_unsteered(model, sae, monkeypatch, capsys):
-    # the module, not the saekit.steer function that the package exports under the same name
-    steer_module = importlib.import_module("saekit.steer")
-    monkeypatch.setattr(steer_module, "load_sae_and_model", lambda folder, device: (sae, model))
+    generation = importlib.import_module("saekit.generation")
+    monkeypatch.setattr(generation, "load_sae_and_model", lambda folder, device: (sae, model))
     parser = argparse.ArgumentParser()
     register_cli(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["steer", "--sae", "unused", "--feature", "3", "--value", str(BIG),
