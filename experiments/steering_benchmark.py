@@ -19,7 +19,8 @@ Then, on the *evaluation* prompts (never used to choose), each method at each ed
 Scores per setting: keyword mention rate, perplexity under the unsteered model, and a second
 score that is not a keyword list: a probe, the projection of the unsteered model's activations
 on the generated text (at the SAE's hook) onto the concept's mean-difference direction, as a
-fraction of the concept texts' projection (a generation counts when it reaches 0.5). Reported
+fraction of the concept texts' projection; a generation counts when its projection is nearer
+the concept texts' than the unsteered generations' mean (the midpoint of the two). Reported
 per method: the best rate at perplexity <= 3x unsteered. Writes ``steering_benchmark.json``,
 ``steering_benchmark.png`` (concepts x methods) and ``steering_benchmark_curves.png``.
 """
@@ -47,18 +48,21 @@ from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_log
 NAME = "steering_benchmark"
 CONCEPTS = benchmark_concepts()  # name -> keywords, saekit/data/benchmark_concepts.json
 METHODS = ("sae_clamp", "sae_add", "mean_difference", "prompting")
-DEFAULTS = {"concepts": ",".join(CONCEPTS), "strengths": [0.2, 0.35, 0.5],
+DEFAULTS = {"concepts": "", "strengths": [0.2, 0.35, 0.5],
             "prompts": 10, "samples_per_prompt": 3, "validation_samples": 2,
             "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "validate": 3,
             "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
 FULL = {"samples_per_prompt": 5}
+VERSION = 2  # of the measurement: partial results of another version are not resumed
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = common.make_parser(__doc__.splitlines()[0])
     common.add_concept_args(parser)
     add = parser.add_argument
-    add("--concepts", help="comma-separated names from the built-in list (default: all 13)")
+    add("--concepts", help="comma-separated names from the concept list (default: all)")
+    add("--concepts-file", help="JSON file, concept name -> keywords (default: the built-in "
+        "list of 13, saekit/data/benchmark_concepts.json)")
     add("--strengths", type=common.floats, help="edit norms relative to the residual scale")
     add("--prompts", type=int, help="evaluation prompts (saekit/data/neutral_prompts.txt)")
     add("--samples-per-prompt", type=int, help="generations per evaluation prompt (default 3)")
@@ -97,12 +101,14 @@ def best_within(points: Sequence[dict], limit: float, key: str = "mention_rate")
     return max(ok, key=lambda p: (p[key], -p["perplexity"])) if ok else None
 
 
-def summarise(point: dict, pattern, probe: list[float]) -> dict:
-    """A measured setting without its samples' full texts, with the probe added."""
+def summarise(point: dict, pattern, probe: list[float], threshold: float) -> dict:
+    """A measured setting without its samples' full texts, with the probe added (a sample is
+    a probe hit when its score reaches ``threshold``)."""
     mentions = [bool(pattern.search(s["text"])) for s in point["samples"]]
-    hits = [score >= 0.5 for score in probe]
+    hits = [score >= threshold for score in probe]
     return {"mention_rate": sum(mentions) / len(mentions),
             "probe_rate": sum(hits) / len(hits), "probe_mean": sum(probe) / len(probe),
+            "probe_scores": probe,
             "perplexity": point["perplexity"], "kl_neutral": point["kl_neutral"],
             "n_generations": point["n_generations"],
             "labels": [[int(m), int(h)] for m, h in zip(mentions, hits)],
@@ -146,15 +152,20 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
     instructed = [f"Talk about {name}. {p}" for p in prompts]
     measured += measure_settings(model, [[]], instructed, score_prompts=prompts, **common_args)
 
+    def probe(point: dict) -> list[float]:
+        return probe_scores(model, found.hook, found.mean_difference, found.reference_mean,
+                            found.concept_projection, point["samples"])
+
+    unsteered_probe = probe(unsteered)
+    threshold = (1 + sum(unsteered_probe) / len(unsteered_probe)) / 2  # concept texts: 1
+
     def score(point: dict) -> dict:
-        probe = probe_scores(model, found.hook, found.mean_difference, found.reference_mean,
-                             found.concept_projection, point["samples"])
-        return summarise(point, pattern, probe)
+        return summarise(point, pattern, probe(point), threshold)
 
     n = len(strengths)
     methods = {"sae_clamp": measured[:n], "sae_add": measured[n:2 * n],
                "mean_difference": measured[2 * n:3 * n], "prompting": measured[3 * n:]}
-    base = score(unsteered)
+    base = summarise(unsteered, pattern, unsteered_probe, threshold)
     limit = args.max_perplexity_ratio * base["perplexity"]
     result = {"keywords": keywords, "features": found.choice.features,
               "values": found.choice.values, "chosen_strength": found.choice.strength,
@@ -165,6 +176,7 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
                                            for k in ("mention_rate", "perplexity")},
                              "settings": found.validation},
               "n_mentions_in_cache": found.texts.n_mentions, "unsteered": base,
+              "probe_threshold": threshold,
               "perplexity_limit": limit, "methods": {}, "best": {}}
     for method, points in methods.items():
         scored = [score(p) | {"strength": s} for p, s in
@@ -221,8 +233,10 @@ def plot(results: dict, strengths: Sequence[float]):
 
 
 def resumable_settings(args: argparse.Namespace) -> dict:
-    """The flags a concept's result depends on (not which concepts, nor where to write)."""
-    return {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")}
+    """The flags a concept's result depends on (not which concepts, nor where to write), and
+    the version of the measurement."""
+    return {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")} \
+        | {"version": VERSION}
 
 
 def finished_concepts(args: argparse.Namespace) -> dict:
@@ -240,10 +254,12 @@ def finished_concepts(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     started = time.perf_counter()
-    names = [c.strip() for c in args.concepts.split(",") if c.strip()]
-    unknown = [n for n in names if n not in CONCEPTS]
+    concepts = json.loads(Path(args.concepts_file).read_text()) if args.concepts_file \
+        else CONCEPTS
+    names = [c.strip() for c in args.concepts.split(",") if c.strip()] or list(concepts)
+    unknown = [n for n in names if n not in concepts]
     if unknown:
-        raise SystemExit(f"unknown concepts {unknown}; choose from {list(CONCEPTS)}")
+        raise SystemExit(f"unknown concepts {unknown}; choose from {list(concepts)}")
     cache = ActivationCache.open(common.get_cache(args))
     sae = load_sae(common.concept_sae(args)).eval()
     model = common.get_model(args.device)
@@ -265,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if name in results:
             print(f"{name}: measured by an earlier run with the same settings")
             continue
-        keywords = CONCEPTS[name]
+        keywords = concepts[name]
         results[name] = run_concept(model, sae, args, name, keywords, cache.tokens(), reference,
                                     statistics, prompts, unsteered, neutral)
         common.save_results(args.out, NAME + "_partial", None,

@@ -355,7 +355,8 @@ def select_concept_features(model, sae, tokens: Tensor, reference: Tensor,
     search = search or ConceptSearch()
     say = progress or (lambda message: None)
     hook = model_hook(sae)
-    texts = concept_texts(tokens, model.tokenizer, keywords, seed=search.seed)
+    texts = concept_texts(tokens, model.tokenizer, keywords, seed=search.seed,
+                          required=not extra_texts)
     windows = texts.windows + text_windows(model.tokenizer, extra_texts)
     say(f"{name}: {texts.n_mentions} mentions of {list(keywords)} in {texts.n_tokens:,} "
         f"tokens; {len(windows)} concept texts")

@@ -18,6 +18,7 @@ from pathlib import Path
 from saekit.concept import ConceptSearch, find_concept_steering
 from saekit.concept_texts import ConceptError, keyword_list
 from saekit.corpus import DEFAULT_CORPUS
+from saekit.specialize import SpecializeConfig
 
 RESULT_JSON = "concept.json"
 
@@ -38,6 +39,7 @@ class ConceptConfig:
     validation_prompts: str = ""  # prompts features are chosen on (default: shipped)
     evaluation_samples: int = 3  # generations per evaluation prompt
     statistics_rows: int = 256  # corpus rows for base rates and the reference activations
+    specialize: bool = False  # fine-tune the SAE on the concept's texts first (rare concepts)
     device: str = ""
 
     def check(self) -> None:
@@ -78,8 +80,9 @@ def check_search(search: ConceptSearch) -> None:
 
 
 def corpus_source(model, sae, config: ConceptConfig):
-    """``(tokens [rows, ctx], reference [tokens, d_in], statistics)`` from the cache or, without
-    one, from ``config.tokens`` tokens of ``config.dataset`` run through the model."""
+    """``(tokens [rows, ctx], reference [tokens, d_in], statistics_of)`` from the cache or,
+    without one, from ``config.tokens`` tokens of ``config.dataset`` run through the model;
+    ``statistics_of(sae)`` gives an SAE's corpus statistics over the same rows."""
     from saekit.analyse import ModelSource, feature_statistics, model_hook
     from saekit.cache import ActivationCache, leading_activations
     from saekit.concept import window_activations
@@ -89,41 +92,83 @@ def corpus_source(model, sae, config: ConceptConfig):
     if config.activations:
         cache = ActivationCache.open(config.activations)
         cache.check_hook(hook)
-        statistics = feature_statistics(sae, cache, max_rows=config.statistics_rows)
         reference = leading_activations(cache, config.statistics_rows * (cache.context - 1),
                                         hook=hook)
-        return cache.tokens(), reference, statistics
+        return cache.tokens(), reference, lambda s: feature_statistics(
+            s, cache, max_rows=config.statistics_rows)
     context = 128
     tokens = pack_token_rows(load_corpus(config.dataset), model.tokenizer,
                              max(1, config.tokens // context), context)
     sample = tokens[:config.statistics_rows]
-    statistics = feature_statistics(sae, ModelSource(model, sample))
     reference = window_activations(model, hook, [row[1:] for row in sample])
-    return tokens, reference, statistics
+    return tokens, reference, lambda s: feature_statistics(s, ModelSource(model, sample))
+
+
+def specialized_sae(model, sae, config: ConceptConfig, special: SpecializeConfig,
+                    search: ConceptSearch, tokens, reference, extra: list[str], progress
+                    ) -> tuple[object, list[str], dict]:
+    """``(SAE fine-tuned on the concept, the concept texts it used, report)``: the corpus
+    windows around the keywords, ``extra`` and ``special.generations`` continuations of prompts
+    naming the concept (``saekit.specialize``). Saves the SAE to ``OUT/specialized_sae``."""
+    from saekit.concept import window_activations
+    from saekit.concept_texts import concept_texts, text_windows
+    from saekit.files import write_json
+    from saekit.specialize import concept_generations, most_changed_features, specialize_sae
+
+    generated = concept_generations(model, config.name, special.generations,
+                                    special.generation_tokens, search.seed)
+    texts = extra + generated
+    found = concept_texts(tokens, model.tokenizer, config.keywords, seed=search.seed,
+                          required=not texts)
+    windows = found.windows + text_windows(model.tokenizer, texts)
+    progress(f"{config.name}: specialising the SAE on {len(windows)} concept texts "
+             f"({found.n_mentions} corpus mentions, {len(generated)} model continuations)")
+    acts = window_activations(model, sae.cfg.metadata.hook_name, windows)
+    tuned, report = specialize_sae(sae, acts, reference, special, search.seed, progress)
+    report |= {"settings": vars(special), "corpus_mentions": found.n_mentions,
+               "generated_texts": generated,
+               "features_rising_most": most_changed_features(sae, tuned, acts)}
+    folder = tuned.save(Path(config.out) / "specialized_sae")
+    write_json(folder / "specialize.json", report)
+    progress(f"{config.name}: FVU on concept texts {report['fvu_concept_before']:.3f} -> "
+             f"{report['fvu_concept_after']:.3f}, on ordinary text "
+             f"{report['fvu_ordinary_before']:.3f} -> {report['fvu_ordinary_after']:.3f}")
+    return tuned, texts, report | {"folder": str(folder)}
 
 
 def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
-                progress=print) -> dict:
-    """Run the search on ``config`` and write ``OUT/concept.json``; returns its dict."""
+                progress=print, special: SpecializeConfig | None = None) -> dict:
+    """Run the search on ``config`` and write ``OUT/concept.json``; returns its dict.
+    With ``config.specialize``, the search runs on the SAE fine-tuned by ``specialized_sae``."""
     from saekit.capture import check_hooks
     from saekit.files import write_json
     from saekit.generation import load_sae_and_model
     from saekit.steer_eval import read_prompts
 
     search = search or ConceptSearch()
+    special = special or SpecializeConfig()
     config.check()
     check_search(search)
+    special.check()
     sae, model = load_sae_and_model(config.sae, config.device or None)
     check_hooks(model, [sae.cfg.metadata.hook_name or ""])
     extra = read_prompts(config.texts) if config.texts else []
-    tokens, reference, statistics = corpus_source(model, sae, config)
+    tokens, reference, statistics_of = corpus_source(model, sae, config)
+    specialization = None
+    if config.specialize:
+        sae, extra, specialization = specialized_sae(model, sae, config, special, search,
+                                                     tokens, reference, extra, progress)
     result = find_concept_steering(
-        model, sae, tokens, reference, statistics, config.name, config.keywords, extra, search,
+        model, sae, tokens, reference, statistics_of(sae), config.name, config.keywords, extra,
+        search,
         validation_prompts=read_prompts(config.validation_prompts)
         if config.validation_prompts else None,
         evaluation_prompts=read_prompts(config.prompts) if config.prompts else None,
         evaluation_samples=config.evaluation_samples, progress=progress)
-    result["sae"] = config.sae
+    result["sae"] = config.sae if specialization is None else specialization["folder"]
+    if specialization is not None:
+        result["specialization"] = {k: v for k, v in specialization.items()
+                                    if k != "generated_texts"}
     write_json(Path(config.out) / RESULT_JSON, result)
     return result
 
@@ -150,10 +195,12 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
                                    "concept given its name and keywords; validate and measure")
     add_config_arguments(parser, ConceptConfig)
     add_config_arguments(parser, ConceptSearch)
+    add_config_arguments(parser, SpecializeConfig)
 
     def run(args: argparse.Namespace) -> None:
         result = run_concept(config_from_args(ConceptConfig, args),
-                             config_from_args(ConceptSearch, args))
+                             config_from_args(ConceptSearch, args),
+                             special=config_from_args(SpecializeConfig, args))
         print(result_table(result))
         print(f"wrote {Path(args.out) / RESULT_JSON}")
 

@@ -70,15 +70,19 @@ def find_mentions(tokens: Tensor, tokenizer, keywords: Sequence[str],
 
 
 def concept_texts(tokens: Tensor, tokenizer, keywords: Sequence[str], max_texts: int = 64,
-                  before: int = 48, after: int = 8, seed: int = 0) -> ConceptTexts:
+                  before: int = 48, after: int = 8, seed: int = 0,
+                  required: bool = True) -> ConceptTexts:
     """Windows of ``before`` tokens before to ``after`` after each mention (cut at document
     boundaries, i.e. BOS), from a seeded sample of at most ``max_texts`` mentions, one per row.
 
-    Raises ``ConceptError`` naming the count when the keywords occur nowhere.
+    Raises ``ConceptError`` naming the count when the keywords occur nowhere (when not
+    ``required``: returns no texts).
     """
     bos = tokenizer.bos_token_id
     mentions = find_mentions(tokens, tokenizer, keywords, bos)
     n_rows, context = tokens.shape
+    if not mentions and not required:
+        return ConceptTexts([], [], 0, n_rows, n_rows * context, [])
     if not mentions:
         raise ConceptError(
             f"The keywords {list(keywords)} occur 0 times in the {n_rows * context:,} tokens "

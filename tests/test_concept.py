@@ -18,6 +18,8 @@ from saekit.concept_texts import (ConceptError, concept_texts, concept_token_ids
 from saekit.concept_run import ConceptConfig, check_search
 from saekit.corpus import load_corpus, pack_token_rows
 from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+from saekit.specialize import (SpecializeConfig, most_changed_features, specialize_sae,
+                               unfold_activation_scale)
 
 HOOK = "blocks.6.hook_resid_post"
 PLANTED = 7
@@ -155,3 +157,72 @@ def test_config_checks_before_any_work():
         check_search(ConceptSearch(target_rate=1.5))
     with pytest.raises(ConceptError, match="--temperature"):
         check_search(ConceptSearch(temperature=float("nan")))
+    with pytest.raises(ConceptError, match="--concept-fraction"):
+        SpecializeConfig(concept_fraction=1.0).check()
+    with pytest.raises(ConceptError, match="--specialize-lr"):
+        SpecializeConfig(specialize_lr=float("inf")).check()
+
+
+def test_unfolding_the_activation_scale_keeps_every_output():
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig("topk", 64, 256, k=8,
+                            normalize_activations="expected_average_only_in"))
+    x = torch.randn(512, 64) * 300 + 40
+    sae.init_from_data(x)
+    trained_scale = sae.cfg.activation_scale
+    sae.fold_activation_scale()
+    before = sae(x)
+    unfold_activation_scale(sae, x)
+    assert sae.cfg.normalize_activations != "none"
+    assert sae.cfg.activation_scale == pytest.approx(trained_scale, rel=1e-5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(256))
+    after = sae(x)
+    torch.testing.assert_close(after[1], before[1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-4, atol=1e-2)
+
+
+def test_specialising_learns_the_concept_and_keeps_ordinary_text(model, rows):
+    """An SAE with no concept feature (random latents), fine-tuned on cheese windows mixed with
+    ordinary rows, reconstructs cheese text much better and ordinary text about as well."""
+    from saekit.concept import window_activations
+
+    texts = concept_texts(rows, model.tokenizer, KEYWORDS, max_texts=48)
+    concept = window_activations(model, HOOK, texts.windows)
+    ordinary = window_activations(model, HOOK, [r[1:] for r in rows[100:140]])
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK),
+                            normalize_activations="expected_average_only_in"))
+    sae.init_from_data(ordinary)
+    sae.fold_activation_scale()
+    tuned, report = specialize_sae(sae, concept, ordinary,
+                                   SpecializeConfig(specialize_steps=150, specialize_lr=1e-3,
+                                                    specialize_batch=256))
+    assert report["fvu_concept_after"] < 0.8 * report["fvu_concept_before"]
+    assert report["fvu_ordinary_after"] < 1.1 * report["fvu_ordinary_before"]
+    assert tuned.cfg.normalize_activations == "none"  # saved like any trained SAE
+    assert not torch.equal(tuned.W_dec, sae.W_dec)  # a copy was tuned, not the input
+    rising = most_changed_features(sae, tuned, concept, top=3)
+    assert rising[0]["mean_after"] > rising[0]["mean_before"]
+
+
+def test_specialize_finds_a_concept_the_corpus_never_mentions(planted, tmp_path, capsys):
+    """--specialize: texts come from the model's own continuations of prompts naming the
+    concept, the SAE is fine-tuned on them and saved, and the search runs on that SAE."""
+    folder, _ = planted
+    out = tmp_path / "out"
+    assert main(["concept", "--sae", str(folder), "--name", "Zorblaxia", "--keywords",
+                 "Zorblax*", "--out", str(out), "--tokens", "20000", "--statistics-rows", "4",
+                 "--specialize", "--generations", "6", "--generation-tokens", "8",
+                 "--specialize-steps", "5", "--specialize-batch", "64", "--validate", "1",
+                 "--strengths", "1", "--max-new-tokens", "6", "--samples-per-prompt", "1",
+                 "--evaluation-samples", "1", "--combine", "1",
+                 "--candidates-per-ranking", "2"]) == 0
+    written = json.loads((out / "concept.json").read_text())
+    tuned = out / "specialized_sae"
+    assert written["sae"] == str(tuned) and (tuned / "cfg.json").exists()
+    report = json.loads((tuned / "specialize.json").read_text())
+    assert report["corpus_mentions"] == 0 and len(report["generated_texts"]) == 6
+    assert all(t.startswith(("Zorblaxia", "Tell me about Zorblaxia", "The history of"))
+               or "Zorblaxia" in t for t in report["generated_texts"])
+    assert written["retrieval"]["n_texts"] == 6
+    assert written["specialization"]["fvu_ordinary_after"] > 0

@@ -153,3 +153,31 @@ def test_power_law_fit_and_full_defaults():
     assert scaling.parse_args([]).latents == [512, 1024, 2048, 4096]
     full = scaling.parse_args(["--full", "--k", "16"])
     assert full.latents[-1] == 16384 and full.k == [16] and full.out.endswith("out/scaling")
+
+
+def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_sae, tmp_path):
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"kings": ["king*", "the"], "rivers": ["river*", "a"]}))
+    args = ["--activations", str(tiny_cache), "--sae", str(tiny_sae), "--concepts-file",
+            str(concepts), "--strengths", "0.2,0.5", "--prompts", "2",
+            "--samples-per-prompt", "1", "--validation-samples", "1", "--max-new-tokens", "4",
+            "--validate", "1", "--candidates-per-ranking", "2", "--stats-rows", "16"]
+    run_script("steering_benchmark", tmp_path, *args, "--concepts", "kings")
+    first = outputs(tmp_path, "steering_benchmark")
+    kings = first["concepts"]["kings"]
+    assert set(kings["methods"]) == {"sae_clamp", "sae_add", "mean_difference", "prompting"}
+    for method, points in kings["methods"].items():
+        assert len(points) == (1 if method == "prompting" else 2)
+        for point in points:
+            assert point["n_generations"] == 2 and 0 <= point["mention_rate"] <= 1
+            assert len(point["probe_scores"]) == 2 and point["perplexity"] > 1
+    assert kings["features"] and kings["unsteered"]["n_generations"] == 2
+    assert kings["methods"]["mean_difference"][0]["kl_neutral"] > 0
+    assert first["summary"]["n_corpus_concepts"] == 1
+    assert 0 <= first["summary"]["keyword_probe_agreement"]["agreement"] <= 1
+    # a second run with the same settings measures only the concept it has not measured yet
+    run_script("steering_benchmark", tmp_path, *args)
+    second = outputs(tmp_path, "steering_benchmark")
+    assert list(second["concepts"]) == ["kings", "rivers"]
+    assert second["concepts"]["kings"] == kings
+    assert (tmp_path / "steering_benchmark_curves.png").is_file()
