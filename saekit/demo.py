@@ -54,7 +54,7 @@ class DemoConfig:
     keywords: list[str] = field(default_factory=list)  # its keywords (default: the benchmark's)
     statistics_rows: int = 256  # cache rows for base rates and the reference activations
     samples_per_prompt: int = 3  # evaluation generations per neutral prompt
-    validate: int = 4  # candidate features validated by generation
+    validate: int = 3  # candidate features validated by generation
     validation_samples: int = 2  # generations per validation prompt
     max_new_tokens: int = 32
     shown_prompts: int = 3

@@ -123,6 +123,32 @@ def feature_map(sae, feature: int, n_neighbours: int = 50) -> tuple[Tensor, Tens
     return ids, coords * torch.where(coords[0] < 0, -1.0, 1.0)  # the feature on the + side
 
 
+@torch.no_grad()
+def neighbour_label_agreement(sae, labels: Tensor, k: int = 10, max_centres: int = 2000,
+                              seed: int = 0) -> dict:
+    """How often a feature's ``k`` nearest decoder neighbours share its label, against ``k``
+    random features. ``labels`` [d_sae] int64 (-1: unlabelled, left out everywhere); centres
+    are up to ``max_centres`` labelled features (seeded sample), neighbours and random features
+    are drawn from the labelled ones. Returns the two rates, their ratio and the counts."""
+    labelled = (labels >= 0).nonzero().flatten()
+    if len(labelled) <= k:
+        raise AnalysisInputError(f"Only {len(labelled)} features have a label; need more than "
+                                 f"k = {k}.")
+    generator = torch.Generator().manual_seed(seed)
+    centres = labelled[torch.randperm(len(labelled), generator=generator)[:max_centres]]
+    rows = F.normalize(sae.W_dec.float(), dim=1).cpu()
+    sims = rows[centres] @ rows[labelled].T  # [centres, labelled]
+    sims[labelled[None, :] == centres[:, None]] = -math.inf  # not itself
+    neighbours = labelled[sims.topk(k, dim=1).indices]
+    random = labelled[torch.randint(len(labelled), (len(centres), k), generator=generator)]
+    own = labels[centres][:, None]
+    near = float((labels[neighbours] == own).float().mean())
+    chance = float((labels[random] == own).float().mean())
+    return {"neighbour_agreement": near, "random_agreement": chance,
+            "ratio": near / chance if chance > 0 else math.inf, "k": k,
+            "n_centres": len(centres), "n_labelled_features": len(labelled)}
+
+
 # --- texts: activations, mean-difference direction, search -------------------------------------
 
 @torch.inference_mode()

@@ -24,8 +24,10 @@ from torch import Tensor
 from saekit.concept_texts import ConceptError
 from saekit.sae import SAE
 
-PROMPT_TEMPLATES = ("{name}", "{Name} is", "Tell me about {name}.", "The history of {name}",
-                    "A visit to {name}", "Facts about {name}:", "{Name} was", "I saw {name}")
+# (the bare name is not one: after it alone the base model often emits image tokens)
+PROMPT_TEMPLATES = ("{Name} is", "Tell me about {name}.", "The history of {name}",
+                    "A visit to {name}", "Facts about {name}:", "{Name} was", "I saw {name}",
+                    "Everything about {name}:")
 
 
 @dataclass

@@ -222,7 +222,6 @@ def test_specialize_finds_a_concept_the_corpus_never_mentions(planted, tmp_path,
     assert written["sae"] == str(tuned) and (tuned / "cfg.json").exists()
     report = json.loads((tuned / "specialize.json").read_text())
     assert report["corpus_mentions"] == 0 and len(report["generated_texts"]) == 6
-    assert all(t.startswith(("Zorblaxia", "Tell me about Zorblaxia", "The history of"))
-               or "Zorblaxia" in t for t in report["generated_texts"])
+    assert all("Zorblaxia" in t for t in report["generated_texts"])
     assert written["retrieval"]["n_texts"] == 6
     assert written["specialization"]["fvu_ordinary_after"] > 0

@@ -134,12 +134,36 @@ def test_steering_curve_at_multiples_of_the_max(tiny_cache, tiny_sae, tmp_path):
 
 def test_feature_map_around_the_concept(tiny_cache, tiny_sae, tmp_path):
     run_script("feature_map", tmp_path, "--activations", str(tiny_cache), *TINY,
-               "--sae", str(tiny_sae), "--neighbours", "8", "--stats-rows", "32")
+               "--sae", str(tiny_sae), "--neighbours", "8", "--stats-rows", "32",
+               "--topic-summaries", "3", "--agreement-k", "3")
     result = outputs(tmp_path, "feature_map")
     points = result["points"]
     assert len(points) == 9 and points[0]["feature"] == result["concept"]["feature"]
     assert points[0]["rank"] == 0 and points[0]["cosine"] == 1.0
     assert all(isinstance(p["logit_token"], str) and math.isfinite(p["x"]) for p in points)
+    agreement = result["topic_agreement"]
+    assert len(agreement["topics"]) == 11 and "Uncategorized" not in agreement["topics"]
+    assert 0 <= agreement["neighbour_agreement"] <= 1 and 0 <= agreement["random_agreement"] <= 1
+    assert 3 < agreement["n_labelled_features"] <= 128 and agreement["k"] == 3
+    assert all(p["wikipedia_topic"] in agreement["topics"] + [None] for p in points)
+
+
+def test_neighbour_label_agreement_against_planted_groups():
+    """Decoder rows in 4 tight clusters labelled by cluster: neighbours always agree, random
+    features about a quarter of the time."""
+    from saekit.directions import neighbour_label_agreement
+    from saekit.sae import SAEConfig, TopKSAE
+
+    torch.manual_seed(0)
+    sae = TopKSAE(SAEConfig("topk", 32, 400, k=4))
+    centres = torch.randn(4, 32)
+    labels = torch.arange(400) % 4
+    with torch.no_grad():
+        sae.W_dec.copy_(centres[labels] + 0.05 * torch.randn(400, 32))
+    labels[:40] = -1  # unlabelled features take no part
+    result = neighbour_label_agreement(sae, labels, k=5)
+    assert result["neighbour_agreement"] == 1.0 and result["n_labelled_features"] == 360
+    assert 0.15 < result["random_agreement"] < 0.35 and result["ratio"] > 2.5
 
 
 def test_power_law_fit_and_full_defaults():
