@@ -345,18 +345,20 @@ def select_concept_features(model, sae, tokens: Tensor, reference: Tensor,
                             statistics: FeatureStatistics, name: str, keywords: Sequence[str],
                             extra_texts: Sequence[str] = (), search: ConceptSearch | None = None,
                             validation_prompts: Sequence[str] | None = None,
-                            progress=None) -> ConceptSelection:
+                            progress=None,
+                            corpus_texts: ConceptTexts | None = None) -> ConceptSelection:
     """Steps 1-4 of the module docstring. ``tokens`` [n_rows, context]: corpus rows searched
-    for the keywords; ``reference`` [tokens, d_in]: activations of ordinary text at the SAE's
-    hook (base of the mean-difference direction and of ``residual_scale``); ``statistics``: the
-    SAE's corpus statistics (base rates for the input ranking)."""
+    for the keywords (unless ``corpus_texts`` already holds that search's result);
+    ``reference`` [tokens, d_in]: activations of ordinary text at the SAE's hook (base of the
+    mean-difference direction and of ``residual_scale``); ``statistics``: the SAE's corpus
+    statistics (base rates for the input ranking)."""
     from saekit.concept_texts import concept_texts, concept_token_ids, text_windows
 
     search = search or ConceptSearch()
     say = progress or (lambda message: None)
     hook = model_hook(sae)
-    texts = concept_texts(tokens, model.tokenizer, keywords, seed=search.seed,
-                          required=not extra_texts)
+    texts = corpus_texts or concept_texts(tokens, model.tokenizer, keywords, seed=search.seed,
+                                          required=not extra_texts)
     windows = texts.windows + text_windows(model.tokenizer, extra_texts)
     say(f"{name}: {texts.n_mentions} mentions of {list(keywords)} in {texts.n_tokens:,} "
         f"tokens; {len(windows)} concept texts")
@@ -392,14 +394,15 @@ def find_concept_steering(model, sae, tokens: Tensor, reference: Tensor,
                           validation_prompts: Sequence[str] | None = None,
                           evaluation_prompts: Sequence[str] | None = None,
                           evaluation_samples: int = 3, vector_strengths: Sequence[float] = (),
-                          progress=None) -> dict:
+                          progress=None, corpus_texts: ConceptTexts | None = None) -> dict:
     """Select (``select_concept_features``) and measure on the evaluation prompts, which were
     not used to choose: the ``concept.json`` dict. ``vector_strengths``: also measure the
     concept's mean-difference vector at these strengths (the baseline), in the same batch."""
     search = search or ConceptSearch()
     say = progress or (lambda message: None)
     found = select_concept_features(model, sae, tokens, reference, statistics, name, keywords,
-                                    extra_texts, search, validation_prompts, progress)
+                                    extra_texts, search, validation_prompts, progress,
+                                    corpus_texts)
     choice = found.choice
     evaluation = list(evaluation_prompts or read_prompts())
     plans = [found.plan(sae, choice.strength)] + [[found.vector(s)] for s in vector_strengths]

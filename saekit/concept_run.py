@@ -106,10 +106,11 @@ def corpus_source(model, sae, config: ConceptConfig):
 
 def specialized_sae(model, sae, config: ConceptConfig, special: SpecializeConfig,
                     search: ConceptSearch, tokens, reference, extra: list[str], progress
-                    ) -> tuple[object, list[str], dict]:
-    """``(SAE fine-tuned on the concept, the concept texts it used, report)``: the corpus
-    windows around the keywords, ``extra`` and ``special.generations`` continuations of prompts
-    naming the concept (``saekit.specialize``). Saves the SAE to ``OUT/specialized_sae``."""
+                    ) -> tuple[object, list[str], object, dict]:
+    """``(SAE fine-tuned on the concept, the texts it used besides the corpus's, the corpus
+    windows found, report)``: the corpus windows around the keywords, ``extra`` and
+    ``special.generations`` continuations of prompts naming the concept
+    (``saekit.specialize``). Saves the SAE to ``OUT/specialized_sae``."""
     from saekit.concept import window_activations
     from saekit.concept_texts import concept_texts, text_windows
     from saekit.files import write_json
@@ -133,7 +134,7 @@ def specialized_sae(model, sae, config: ConceptConfig, special: SpecializeConfig
     progress(f"{config.name}: FVU on concept texts {report['fvu_concept_before']:.3f} -> "
              f"{report['fvu_concept_after']:.3f}, on ordinary text "
              f"{report['fvu_ordinary_before']:.3f} -> {report['fvu_ordinary_after']:.3f}")
-    return tuned, texts, report | {"folder": str(folder)}
+    return tuned, texts, found, report | {"folder": str(folder)}
 
 
 def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
@@ -154,17 +155,18 @@ def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
     check_hooks(model, [sae.cfg.metadata.hook_name or ""])
     extra = read_prompts(config.texts) if config.texts else []
     tokens, reference, statistics_of = corpus_source(model, sae, config)
-    specialization = None
+    specialization = corpus_texts = None
     if config.specialize:
-        sae, extra, specialization = specialized_sae(model, sae, config, special, search,
-                                                     tokens, reference, extra, progress)
+        sae, extra, corpus_texts, specialization = specialized_sae(
+            model, sae, config, special, search, tokens, reference, extra, progress)
     result = find_concept_steering(
         model, sae, tokens, reference, statistics_of(sae), config.name, config.keywords, extra,
         search,
         validation_prompts=read_prompts(config.validation_prompts)
         if config.validation_prompts else None,
         evaluation_prompts=read_prompts(config.prompts) if config.prompts else None,
-        evaluation_samples=config.evaluation_samples, progress=progress)
+        evaluation_samples=config.evaluation_samples, progress=progress,
+        corpus_texts=corpus_texts)
     result["sae"] = config.sae if specialization is None else specialization["folder"]
     if specialization is not None:
         result["specialization"] = {k: v for k, v in specialization.items()

@@ -74,13 +74,11 @@ def concept_generations(model, name: str, n: int, max_new_tokens: int,
             for prompt, row, length in zip(prompts, new, lengths)]
 
 
-@torch.no_grad()
-def fvu(sae: SAE, x: Tensor, batch: int = 4096) -> float:
+def fvu(sae: SAE, x: Tensor) -> float:
     """Fraction of variance unexplained of ``x`` [n, d_in] by ``sae``."""
-    x = x.float()
-    error = sum(float((part - sae(part.to(sae.W_dec.device))[0].float().cpu()).pow(2).sum())
-                for part in x.split(batch))
-    return error / float((x - x.mean(0)).pow(2).sum())
+    from saekit.evaluate import reconstruction_metrics
+
+    return reconstruction_metrics(sae, [x])["fvu"]
 
 
 @torch.no_grad()
