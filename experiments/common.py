@@ -181,12 +181,12 @@ def saved_saes(folder: str | Path) -> dict[str, Path]:
 
 def concept_setup(args: argparse.Namespace):
     """``(cache, model, sae folder, sae, concept)``: ``concept_sae`` and its Golden Gate feature."""
-    from saekit.sae import load_sae
+    from saekit.formats import load_foreign_sae
 
     cache = get_cache(args)
     folder = concept_sae(args)
     model = get_model(args.device)
-    sae = load_sae(folder).eval()
+    sae = load_foreign_sae(folder).eval()
     return cache, model, folder, sae, find_concept_feature(sae, model, cache, args.stats_rows)
 
 
@@ -202,8 +202,8 @@ def concept_sae(args: argparse.Namespace) -> Path:
 
 def add_concept_args(parser: argparse.ArgumentParser) -> None:
     """Flags of the scripts that look for the Golden Gate feature."""
-    parser.add_argument("--sae", help=f"SAE folder (default {DEMO_SAE} if present, else a "
-                        "TopK SAE trained on --activations)")
+    parser.add_argument("--sae", help=f"SAE folder in any layout saekit.formats reads (default "
+                        f"{DEMO_SAE} if present, else a TopK SAE trained on --activations)")
     parser.add_argument("--stats-rows", type=int, help="cache rows for the corpus statistics "
                         "(base rates, max activation; default 512)")
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from saekit.analyse import feature_statistics
 from saekit.cache import ActivationCache, leading_activations
 from saekit.concept import ConceptSearch, benchmark_concepts, select_concept_features
-from saekit.sae import load_sae
+from saekit.formats import load_foreign_sae
 from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_logprobs,
                                read_prompts)
 
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if unknown:
         raise SystemExit(f"unknown concepts {unknown}; choose from {list(concepts)}")
     cache = ActivationCache.open(common.get_cache(args))
-    sae = load_sae(common.concept_sae(args)).eval()
+    sae = load_foreign_sae(common.concept_sae(args)).eval()
     model = common.get_model(args.device)
     hook = sae.cfg.metadata.hook_name
     statistics = feature_statistics(sae, cache, max_rows=args.stats_rows)

@@ -315,7 +315,7 @@ class TokenStrings:
         self.tokenizer, self.known = tokenizer, {}
 
     def __call__(self, ids: list[int]) -> list[str]:
-        new = sorted(set(ids) - self.known.keys())
+        new = sorted({i for i in ids if i not in self.known})  # not set - keys(): O(|known|)
         if new:
             self.known.update(zip(new, self.tokenizer.batch_decode([[i] for i in new])))
         return [self.known[i] for i in ids]

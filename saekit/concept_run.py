@@ -27,7 +27,7 @@ RESULT_JSON = "concept.json"
 class ConceptConfig:
     """What ``saekit concept`` runs. Its flags are these fields (and ``ConceptSearch``'s)."""
 
-    sae: str = ""  # saved SAE folder
+    sae: str = ""  # SAE folder or hub id, any layout saekit.formats reads
     name: str = ""  # the concept's name, e.g. volcano
     keywords: list[str] = field(default_factory=list)  # words that mention it
     out: str = ""  # folder for concept.json

@@ -18,6 +18,7 @@ import torch
 
 from saekit import analyse, directions
 from saekit.analyse import Example, FeatureIndexError, QuantileBand
+from saekit.formats import SAE_HELP
 
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; max-width: 1100px; }
@@ -267,9 +268,9 @@ def run_dashboard(args: argparse.Namespace) -> None:
     from saekit.cache import ActivationCache
     from saekit.capture import CaptureConfig, capture_activations
     from saekit.model import DEFAULT_MODEL, load_model
-    from saekit.sae import load_sae
+    from saekit.formats import load_foreign_sae
 
-    sae = load_sae(args.sae, device=args.device)
+    sae = load_foreign_sae(args.sae, device=args.device)
     features = parse_features(args.features, sae.d_sae)
     meta = sae.cfg.metadata
     model = load_model(meta.model_name or DEFAULT_MODEL, device=args.device)
@@ -289,7 +290,7 @@ def run_dashboard(args: argparse.Namespace) -> None:
 def register_cli(subparsers) -> None:
     """Add ``saekit dashboard`` to the CLI's sub-parsers."""
     parser = subparsers.add_parser("dashboard", help="write static HTML feature dashboards")
-    parser.add_argument("--sae", required=True, help="SAE folder (cfg.json + weights)")
+    parser.add_argument("--sae", required=True, help=SAE_HELP)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--activations", help="activation cache at the SAE's hook")
     source.add_argument("--dataset", help="corpus to capture into OUT/.activations ('default', "

@@ -27,7 +27,7 @@ from saekit.dashboard import write_dashboard
 from saekit.directions import logit_lens
 from saekit.files import write_json
 from saekit.model import load_model
-from saekit.sae import load_sae
+from saekit.formats import load_foreign_sae
 from saekit.train import TrainConfig, train
 
 SHIPPED_SAE = Path(__file__).parent / "data" / "sae" / "gemma-3-270m-blocks.6-topk-16k"
@@ -208,7 +208,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     section("2. the SAE", started)
     sae_dir = demo_sae(config, activations)
-    sae = load_sae(sae_dir, device=config.device).eval()
+    sae = load_foreign_sae(sae_dir, device=config.device).eval()
     summary_file = sae_dir / "train_summary.json"
     held_out = json.loads(summary_file.read_text())["held_out"] if summary_file.is_file() else {}
     print(f"{sae_dir}: {sae.cfg.architecture}, {sae.d_sae:,} latents at "

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from saekit.errors import SaekitError
 from saekit.files import atomic_path, write_json
+from saekit.formats import SAE_HELP, load_foreign_sae
 from saekit.sae import SAE
 
 DEAD_FREQUENCY = 1e-6
@@ -265,7 +266,6 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
     """
     from saekit import __version__
     from saekit.corpus import load_corpus, pack_token_rows
-    from saekit.formats import load_foreign_sae
     from saekit.model import DEFAULT_MODEL, load_model
 
     if context < 2 or tokens < context:
@@ -322,8 +322,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``saekit eval`` to the ``saekit`` sub-command parsers."""
     parser = subparsers.add_parser(
         "eval", help="evaluate an SAE: FVU, L0, density, CE loss recovered and KL when spliced")
-    parser.add_argument("--sae", required=True, help="SAE folder (saekit/SAELens, Gemma Scope, "
-                        "sparsify) or Hugging Face repo id")
+    parser.add_argument("--sae", required=True, help=SAE_HELP)
     parser.add_argument("--subfolder", default=None, help="folder of the SAE inside --sae")
     parser.add_argument("--dataset", default="default", help="corpus (default: 'default')")
     parser.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS,

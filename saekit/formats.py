@@ -54,6 +54,8 @@ RESID_POST = "blocks.{}.hook_resid_post"
 SEARCH_DEPTH = 3  # folder levels searched for SAEs when a folder itself holds none
 
 Downloader = Callable[..., str | os.PathLike]
+SAE_HELP = ("SAE folder or Hugging Face repo id: saekit/SAELens, Gemma Scope 1 or 2, or "
+            "sparsify layout (see saekit.formats)")
 
 
 class ForeignSAEError(SAEConfigError):

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saekit.formats import SAE_HELP
 from saekit.sae import SAE
 from saekit.steer import POSITIONS, Intervention, Positions, SteeringError, steer
 
@@ -111,12 +112,13 @@ def generate(model, prompt: str, sae: SAE | None = None,
 # --- command line ----------------------------------------------------------------------------
 
 def load_sae_and_model(sae_dir: str, device: str | None = None):
-    """``(sae, model)``: the SAE at ``sae_dir`` and the model its metadata names, on one device."""
+    """``(sae, model)``: the SAE at ``sae_dir`` (any layout ``load_foreign_sae`` reads) and the
+    model its metadata names, on one device."""
+    from saekit.formats import load_foreign_sae
     from saekit.model import DEFAULT_MODEL, default_device, load_model
-    from saekit.sae import load_sae
 
     device = default_device(device)
-    sae = load_sae(sae_dir, device=device)
+    sae = load_foreign_sae(sae_dir, device=device)
     model = load_model(sae.cfg.metadata.model_name or DEFAULT_MODEL, device=device)
     return sae, model
 
@@ -137,7 +139,7 @@ def run_steer(args: argparse.Namespace) -> None:
 def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``saekit steer`` to the CLI's sub-parsers."""
     parser = subparsers.add_parser("steer", help="generate text with one SAE feature clamped")
-    parser.add_argument("--sae", required=True, help="saved SAE folder")
+    parser.add_argument("--sae", required=True, help=SAE_HELP)
     parser.add_argument("--feature", type=int, required=True, help="latent index")
     parser.add_argument("--value", type=float, required=True,
                         help="clamp value, in the SAE's activation units")

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from saekit.files import atomic_path, write_json
+from saekit.formats import SAE_HELP
 from saekit.sae import SAE
 from saekit.generation import (add_generation_arguments, load_sae_and_model, sample_tokens,
                                stop_token_ids)
@@ -355,7 +356,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``saekit steer-eval`` to the CLI's sub-parsers."""
     parser = subparsers.add_parser("steer-eval", help="measure steering by one feature over "
                                    "clamp values: concept mentions, perplexity, KL")
-    parser.add_argument("--sae", required=True, help="saved SAE folder")
+    parser.add_argument("--sae", required=True, help=SAE_HELP)
     parser.add_argument("--feature", type=int, required=True, help="latent index")
     parser.add_argument("--concept", required=True,
                         help="comma-separated keywords, e.g. 'Golden Gate,San Francisco,bridge*'")
