@@ -48,12 +48,15 @@ from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_log
 NAME = "steering_benchmark"
 CONCEPTS = benchmark_concepts()  # name -> keywords, saekit/data/benchmark_concepts.json
 METHODS = ("sae_clamp", "sae_add", "mean_difference", "prompting")
-DEFAULTS = {"concepts": "", "strengths": [0.2, 0.35, 0.5],
+# The mean-difference vector's grid reaches further: at layer 6 it stays within the perplexity
+# budget up to ~0.4x, where the SAE edits are far over it.
+DEFAULTS = {"concepts": "", "strengths": [0.1, 0.15, 0.2, 0.3],
+            "vector_strengths": [0.2, 0.3, 0.4, 0.5],
             "prompts": 10, "samples_per_prompt": 3, "validation_samples": 2,
-            "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "validate": 3,
+            "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "groups": [1, 3, 10],
             "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
 FULL = {"samples_per_prompt": 5}
-VERSION = 2  # of the measurement: partial results of another version are not resumed
+VERSION = 3  # of the measurement: partial results of another version are not resumed
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -63,13 +66,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--concepts", help="comma-separated names from the concept list (default: all)")
     add("--concepts-file", help="JSON file, concept name -> keywords (default: the built-in "
         "list of 13, saekit/data/benchmark_concepts.json)")
-    add("--strengths", type=common.floats, help="edit norms relative to the residual scale")
+    add("--strengths", type=common.floats, help="SAE edit norms relative to the residual scale")
+    add("--vector-strengths", type=common.floats, help="mean-difference vector norms relative "
+        "to the residual scale")
     add("--prompts", type=int, help="evaluation prompts (saekit/data/neutral_prompts.txt)")
     add("--samples-per-prompt", type=int, help="generations per evaluation prompt (default 3)")
     add("--validation-samples", type=int, help="per validation prompt (default 2)")
     add("--max-new-tokens", type=int)
     add("--temperature", type=float)
-    add("--validate", type=int, help="candidates validated by generation (default 3)")
+    add("--groups", type=common.ints, help="sizes of the sets of best-screened features "
+        "validated together (default 1,3,10)")
     add("--candidates-per-ranking", type=int)
     add("--max-perplexity-ratio", type=float)
     return common.parse(parser, NAME, DEFAULTS, FULL, argv)
@@ -132,17 +138,17 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
     """Select the concept's features, then measure every method at every strength."""
     started = time.perf_counter()
     search = ConceptSearch(candidates_per_ranking=args.candidates_per_ranking,
-                           validate=args.validate, strengths=list(args.strengths),
+                           groups=list(args.groups), strengths=list(args.strengths),
                            max_new_tokens=args.max_new_tokens,
                            samples_per_prompt=args.validation_samples,
                            temperature=args.temperature,
                            max_perplexity_ratio=args.max_perplexity_ratio, seed=args.seed)
     found = select_concept_features(model, sae, tokens, reference, statistics, name, keywords,
                                     search=search, progress=print)
-    strengths = list(args.strengths)
+    strengths, vector_strengths = list(args.strengths), list(args.vector_strengths)
     plans = ([found.plan(sae, s, "clamp") for s in strengths]
              + [found.plan(sae, s, "add") for s in strengths]
-             + [[found.vector(s)] for s in strengths])
+             + [[found.vector(s)] for s in vector_strengths])
     pattern = keyword_pattern(keywords)
     common_args = dict(pattern=pattern, max_new_tokens=args.max_new_tokens,
                        samples_per_prompt=args.samples_per_prompt,
@@ -162,9 +168,11 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
     def score(point: dict) -> dict:
         return summarise(point, pattern, probe(point), threshold)
 
-    n = len(strengths)
+    n, m = len(strengths), len(vector_strengths)
     methods = {"sae_clamp": measured[:n], "sae_add": measured[n:2 * n],
-               "mean_difference": measured[2 * n:3 * n], "prompting": measured[3 * n:]}
+               "mean_difference": measured[2 * n:2 * n + m], "prompting": measured[2 * n + m:]}
+    grids = {"sae_clamp": strengths, "sae_add": strengths,
+             "mean_difference": vector_strengths, "prompting": [None]}
     base = summarise(unsteered, pattern, unsteered_probe, threshold)
     limit = args.max_perplexity_ratio * base["perplexity"]
     result = {"keywords": keywords, "features": found.choice.features,
@@ -180,7 +188,7 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
               "perplexity_limit": limit, "methods": {}, "best": {}}
     for method, points in methods.items():
         scored = [score(p) | {"strength": s} for p, s in
-                  zip(points, strengths if method != "prompting" else [None])]
+                  zip(points, grids[method])]
         result["methods"][method] = scored
         best = best_within(scored, limit)
         result["best"][method] = None if best is None else {
@@ -197,7 +205,7 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
     return result
 
 
-def plot(results: dict, strengths: Sequence[float]):
+def plot(results: dict):
     """(concepts x methods heatmap of the best rate within budget, per-concept curves)."""
     names = list(results)
     heat, axes = common.new_figure(1, 1, (1.6 + 1.3 * len(METHODS), 0.9 + 0.42 * len(names)))
@@ -300,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "methods_best_mean": {m: _mean([(results[n]["best"][m] or {}).get("mention_rate", 0.0)
                                         for n in corpus]) for m in METHODS},
     }
-    heat, curves = plot(results, args.strengths)
+    heat, curves = plot(results)
     data = {"settings": common.settings(args), "sae": str(common.concept_sae(args)),
             "hook": hook, "prompts": prompts, "summary": summary, "concepts": results,
             "seconds": round(time.perf_counter() - started, 1)}

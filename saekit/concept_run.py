@@ -65,8 +65,9 @@ def check_search(search: ConceptSearch) -> None:
     """Raise ``ConceptError`` for strengths, counts or ratios that cannot work."""
     if not search.strengths or any(not (math.isfinite(s) and s > 0) for s in search.strengths):
         raise ConceptError(f"--strengths must be finite numbers > 0, got {search.strengths}.")
-    for what in ("candidates_per_ranking", "validate", "max_new_tokens", "samples_per_prompt",
-                 "combine"):
+    if not search.groups or any(n < 1 for n in search.groups):
+        raise ConceptError(f"--groups must be sizes >= 1, got {search.groups}.")
+    for what in ("candidates_per_ranking", "max_new_tokens", "samples_per_prompt"):
         if getattr(search, what) < 1:
             raise ConceptError(f"--{what.replace('_', '-')} must be >= 1, got "
                                f"{getattr(search, what)}.")

@@ -54,7 +54,7 @@ class DemoConfig:
     keywords: list[str] = field(default_factory=list)  # its keywords (default: the benchmark's)
     statistics_rows: int = 256  # cache rows for base rates and the reference activations
     samples_per_prompt: int = 3  # evaluation generations per neutral prompt
-    validate: int = 3  # candidate features validated by generation
+    groups: list[int] = field(default_factory=lambda: [1, 3, 10])  # best features validated together
     validation_samples: int = 2  # generations per validation prompt
     max_new_tokens: int = 32
     shown_prompts: int = 3
@@ -152,7 +152,7 @@ def concept_result(model, sae, sae_dir: Path, cache: ActivationCache, name: str,
     key = {"sae": str(sae_dir), "cache": str(cache.folder), "n_tokens":
            cache.manifest["n_tokens"], "keywords": keywords, "seed": config.seed,
            "samples": config.samples_per_prompt, "max_new_tokens": config.max_new_tokens,
-           "statistics_rows": config.statistics_rows, "validate": config.validate,
+           "statistics_rows": config.statistics_rows, "groups": config.groups,
            "validation_samples": config.validation_samples}
     path = Path(config.out) / "concepts" / (re.sub(r"\W+", "_", name).strip("_") + ".json")
     if path.is_file():
@@ -161,7 +161,8 @@ def concept_result(model, sae, sae_dir: Path, cache: ActivationCache, name: str,
             print(f"(reusing {path})")
             return saved
     search = ConceptSearch(max_new_tokens=config.max_new_tokens, seed=config.seed,
-                           validate=config.validate, samples_per_prompt=config.validation_samples)
+                           groups=list(config.groups),
+                           samples_per_prompt=config.validation_samples)
     result = find_concept_steering(model, sae, cache.tokens(), reference, statistics, name,
                                    keywords, search=search,
                                    evaluation_samples=config.samples_per_prompt,

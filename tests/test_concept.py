@@ -96,8 +96,8 @@ def test_search_finds_the_planted_feature_and_it_steers(model, planted, rows):
     sample = rows[:16]
     statistics = feature_statistics(sae, ModelSource(model, sample))
     reference = window_activations(model, HOOK, [r[1:] for r in sample])
-    search = ConceptSearch(candidates_per_ranking=4, validate=2, strengths=[1.0, 2.0, 3.0],
-                           max_new_tokens=12, samples_per_prompt=1, combine=1)
+    search = ConceptSearch(candidates_per_ranking=4, groups=[1], strengths=[1.0, 2.0, 3.0],
+                           max_new_tokens=12, samples_per_prompt=1)
     prompts = ["I think that", "Tell me about your weekend.", "My favourite place is"]
     result = find_concept_steering(model, sae, rows, reference, statistics, "cheese", KEYWORDS,
                                    search=search, validation_prompts=prompts[:2] + ["Here is"],
@@ -124,9 +124,9 @@ def test_cli_writes_concept_json_and_rejects_bad_input(planted, tmp_path, capsys
     assert "--strengths must be finite numbers > 0" in capsys.readouterr().err
     assert main(common + ["--keywords", "cheese", "--strengths", "nan"]) == 2
     assert not out.exists()
-    assert main(common + ["--keywords", "cheese*,cheddar", "--validate", "1", "--strengths",
+    assert main(common + ["--keywords", "cheese*,cheddar", "--groups", "1,2", "--strengths",
                           "2", "--max-new-tokens", "6", "--samples-per-prompt", "1",
-                          "--evaluation-samples", "1", "--combine", "1",
+                          "--evaluation-samples", "1",
                           "--candidates-per-ranking", "2"]) == 0
     printed = capsys.readouterr().out
     written = json.loads((out / "concept.json").read_text())
@@ -213,9 +213,9 @@ def test_specialize_finds_a_concept_the_corpus_never_mentions(planted, tmp_path,
     assert main(["concept", "--sae", str(folder), "--name", "Zorblaxia", "--keywords",
                  "Zorblax*", "--out", str(out), "--tokens", "20000", "--statistics-rows", "4",
                  "--specialize", "--generations", "6", "--generation-tokens", "8",
-                 "--specialize-steps", "5", "--specialize-batch", "64", "--validate", "1",
+                 "--specialize-steps", "5", "--specialize-batch", "64", "--groups", "1",
                  "--strengths", "1", "--max-new-tokens", "6", "--samples-per-prompt", "1",
-                 "--evaluation-samples", "1", "--combine", "1",
+                 "--evaluation-samples", "1",
                  "--candidates-per-ranking", "2"]) == 0
     written = json.loads((out / "concept.json").read_text())
     tuned = out / "specialized_sae"

@@ -14,7 +14,7 @@ def test_demo_tells_the_whole_story(model, tmp_path, capsys, monkeypatch):
     config = DemoConfig(out=str(tmp_path), tokens=48 * 128, shard_rows=16, retrain=True,
                         train_tokens=4096, holdout_tokens=1024, batch_size=256, latents=256,
                         k=8, concept="kings", keywords=["king*", "the"], statistics_rows=16,
-                        samples_per_prompt=1, validate=1, validation_samples=1,
+                        samples_per_prompt=1, groups=[1], validation_samples=1,
                         max_new_tokens=4, shown_prompts=1)
     result = run_demo(config)
     out = capsys.readouterr().out

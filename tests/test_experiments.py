@@ -183,9 +183,9 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps({"kings": ["king*", "the"], "rivers": ["river*", "a"]}))
     args = ["--activations", str(tiny_cache), "--sae", str(tiny_sae), "--concepts-file",
-            str(concepts), "--strengths", "0.2,0.5", "--prompts", "2",
+            str(concepts), "--strengths", "0.2,0.5", "--vector-strengths", "0.5", "--prompts", "2",
             "--samples-per-prompt", "1", "--validation-samples", "1", "--max-new-tokens", "4",
-            "--validate", "1", "--candidates-per-ranking", "2", "--stats-rows", "16"]
+            "--groups", "1,2", "--candidates-per-ranking", "2", "--stats-rows", "16"]
     run_script("steering_benchmark", tmp_path, *args, "--concepts", "kings")
     first = outputs(tmp_path, "steering_benchmark")
     kings = first["concepts"]["kings"]

@@ -101,8 +101,8 @@ def test_concept(foreign, model, tmp_path):
     out = tmp_path / "concept"
     assert main(["concept", "--sae", str(foreign), "--name", "cheese", "--keywords",
                  "cheese*", "--out", str(out), "--tokens", "20000", "--statistics-rows", "4",
-                 "--validate", "1", "--strengths", "0.2", "--max-new-tokens", "4",
-                 "--samples-per-prompt", "1", "--evaluation-samples", "1", "--combine", "1",
+                 "--groups", "1,2", "--strengths", "0.2", "--max-new-tokens", "4",
+                 "--samples-per-prompt", "1", "--evaluation-samples", "1",
                  "--candidates-per-ranking", "2"]) == 0
     written = json.loads((out / "concept.json").read_text())
     assert written["hook"] == "blocks.6.hook_resid_post"
