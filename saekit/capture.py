@@ -22,7 +22,7 @@ from saekit import __version__
 from saekit.cache import CACHE_FORMAT, MANIFEST, TOKENS_FILE, check_shard, read_manifest, \
     shard_name
 from saekit.corpus import DEFAULT_CORPUS, load_corpus, pack_token_rows
-from saekit.errors import CacheMismatchError, CorruptCacheError, HookNameError
+from saekit.errors import CacheMismatchError, ConfigError, CorruptCacheError, HookNameError
 from saekit.files import TMP_MARK, sha256_file, write_json, write_safetensors
 from saekit.model import DEFAULT_MODEL, load_model
 
@@ -47,12 +47,12 @@ class CaptureConfig:
 
     def __post_init__(self) -> None:
         if self.dtype not in STORAGE_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype!r}")
+            raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype!r}")
         if self.context < 2 or self.tokens < self.context:
-            raise ValueError(f"Need context >= 2 and tokens >= context; got context "
+            raise ConfigError(f"Need context >= 2 and tokens >= context; got context "
                              f"{self.context}, tokens {self.tokens}.")
         if not self.hooks:
-            raise ValueError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
+            raise ConfigError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
         self.shard_rows = max(self.batch_rows,
                               self.shard_rows // self.batch_rows * self.batch_rows)
 

@@ -9,7 +9,7 @@ import json
 import sys
 import typing
 
-from saekit.errors import SaekitError
+from saekit.errors import ConfigError, SaekitError
 
 # modules that add their own sub-commands with register_cli(subparsers)
 COMMAND_MODULES = ("saekit.evaluate", "saekit.dashboard", "saekit.generation", "saekit.steer_eval",
@@ -79,7 +79,7 @@ def run_train(args: argparse.Namespace) -> None:
 
     config = config_from_args(TrainConfig, args)
     if not config.activations or not config.out:
-        raise ValueError("saekit train needs --activations DIR (from `saekit cache`) and --out DIR.")
+        raise ConfigError("saekit train needs --activations DIR (from `saekit cache`) and --out DIR.")
     saved = train(config)
     for name, folder in saved.items():
         summary = json.loads((folder / "train_summary.json").read_text())["held_out"]
@@ -125,10 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one sub-command: 0 on success; 2 with a one-line message for saekit's own errors
+    (bad input) and OS errors (a path that cannot be read or written), 130 when interrupted.
+    Anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (SaekitError, ValueError) as err:
+    except (SaekitError, OSError) as err:
         print(f"saekit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"saekit {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0

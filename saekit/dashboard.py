@@ -256,7 +256,7 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
             else:
                 ids.append(int(part))
     except ValueError as err:
-        raise ValueError(f"--features takes ids and ranges like 0:200,512, got {spec!r}.") from err
+        raise FeatureIndexError(f"--features takes ids and ranges like 0:200,512, got {spec!r}.") from err
     bad = [i for i in ids if not 0 <= i < d_sae]
     if bad or not ids:
         raise FeatureIndexError(f"--features {spec!r} names feature {bad[0] if bad else 'none'}, "

@@ -23,6 +23,7 @@ from saekit.cache import ActivationCache, leading_activations
 from saekit.capture import CaptureConfig, capture_activations
 from saekit.concept import ConceptSearch, benchmark_concepts, find_concept_steering
 from saekit.concept_texts import ConceptError
+from saekit.errors import ConfigError
 from saekit.dashboard import write_dashboard
 from saekit.directions import logit_lens
 from saekit.files import write_json
@@ -134,7 +135,7 @@ def headline_concept(config: DemoConfig) -> tuple[str, list[str]]:
     name = name or FALLBACK_CONCEPT
     keywords = config.keywords or concepts.get(name)
     if not keywords:
-        raise ValueError(f"Give --keywords for the concept {name!r}.")
+        raise ConfigError(f"Give --keywords for the concept {name!r}.")
     return name, keywords
 
 

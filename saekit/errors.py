@@ -5,6 +5,10 @@ class SaekitError(Exception):
     """Base class of every error saekit raises on purpose."""
 
 
+class ConfigError(SaekitError, ValueError):
+    """A flag or config field with a value saekit cannot use."""
+
+
 class ModelLoadError(SaekitError):
     """The model could not be found or loaded."""
 

@@ -202,12 +202,22 @@ def save_checkpoint(out: Path, config: TrainConfig, step: int, runs: list[Run]) 
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged lines past ``step`` (written after the checkpoint a resume starts from)."""
+    """Drop logged lines past ``step`` (written after the checkpoint a resume starts from) and
+    any line a crash or a full disk left torn."""
     if path.exists():
-        lines = [line for line in path.read_text().splitlines()
-                 if line and json.loads(line)["step"] <= step]
+        lines = [line for line in path.read_text(errors="replace").splitlines()
+                 if (entry := _logged_entry(line)) is not None and entry["step"] <= step]
         with atomic_path(path) as tmp:
             tmp.write_text("".join(f"{line}\n" for line in lines))
+
+
+def _logged_entry(line: str) -> dict | None:
+    """A metrics.jsonl line as a dict, or None for a blank, torn or foreign line."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) and isinstance(entry.get("step"), int) else None
 
 
 def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream, list[int]]:

@@ -161,5 +161,5 @@ def test_parse_features():
     assert parse_features("8:", 10) == [8, 9]
     with pytest.raises(A.FeatureIndexError, match="d_sae = 10"):
         parse_features("5,10", 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(A.FeatureIndexError, match="ids and ranges"):
         parse_features("a:b", 10)

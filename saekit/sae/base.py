@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
@@ -369,15 +370,29 @@ class SAE(nn.Module):
         if not (folder / CFG_FILENAME).is_file() or not (folder / WEIGHTS_FILENAME).is_file():
             raise SAEConfigError(f"{folder} is not a saved SAE: it needs {CFG_FILENAME} and "
                                  f"{WEIGHTS_FILENAME}.")
-        cfg = SAEConfig.from_saelens_dict(json.loads((folder / CFG_FILENAME).read_text()))
+        try:
+            cfg = SAEConfig.from_saelens_dict(json.loads((folder / CFG_FILENAME).read_text()))
+        except json.JSONDecodeError as err:
+            raise SAEConfigError(f"{folder / CFG_FILENAME} is not valid JSON ({err}); restore "
+                                 "it from the SAE's source or save the SAE again.") from err
         device = torch.device(device) if device is not None else torch.get_default_device()
         sae = ARCHITECTURES[cfg.architecture](cfg, device="meta")
-        state = load_file(folder / WEIGHTS_FILENAME, device=str(device))
+        try:
+            state = load_file(folder / WEIGHTS_FILENAME, device=str(device))
+        except SafetensorError as err:
+            raise SAEConfigError(f"{folder / WEIGHTS_FILENAME} is damaged or truncated ({err}); "
+                                 "copy or save the SAE again.") from err
         state = {k: v.to(DTYPES[cfg.dtype]) for k, v in sae._state_from_saved(state).items()}
         missing = set(sae.state_dict()) ^ set(state)
         if missing:
             raise SAEConfigError(f"{folder / WEIGHTS_FILENAME} does not fit a {cfg.architecture} "
                                  f"SAE: keys {sorted(missing)} are missing or unexpected.")
+        expected = sae.state_dict()
+        wrong = [f"{k} {tuple(v.shape)} (cfg.json implies {tuple(expected[k].shape)})"
+                 for k, v in state.items() if v.shape != expected[k].shape]
+        if wrong:
+            raise SAEConfigError(f"{folder}: the weights do not match {CFG_FILENAME} (d_in "
+                                 f"{cfg.d_in}, d_sae {cfg.d_sae}): {', '.join(wrong)}.")
         sae.load_state_dict(state, assign=True)
         return sae
 
