@@ -83,6 +83,9 @@ def run_train(args: argparse.Namespace) -> None:
     saved = train(config)
     for name, folder in saved.items():
         summary = json.loads((folder / "train_summary.json").read_text())["held_out"]
+        if "fvu" not in summary:  # --holdout-tokens 0
+            print(f"{name}: no held-out tokens, nothing evaluated -> {folder}")
+            continue
         print(f"{name}: held-out FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead "
               f"{100 * summary['dead_fraction_training']:.1f}% -> {folder}")
 

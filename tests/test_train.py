@@ -154,7 +154,7 @@ def test_cache_smaller_than_one_batch(train_cache, tmp_path):
                           tokens=16384 * 2, batch_size=16384))
 
 
-def test_single_shard_cache_cannot_hold_out(train_cache, tmp_path):
+def test_single_shard_cache_cannot_hold_out(train_cache, tmp_path, capsys):
     cache = tmp_path / "acts"
     shutil.copytree(train_cache, cache)
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -170,6 +170,12 @@ def test_single_shard_cache_cannot_hold_out(train_cache, tmp_path):
     summary = json.loads((folder / "train_summary.json").read_text())
     assert set(summary["held_out"]) == {"dead_fraction_training"}
     assert not (folder / "sparsity.safetensors").exists()
+    from saekit.cli import main  # the flag the error recommends works from the CLI too
+
+    assert main(["train", "--activations", str(cache), "--out", str(tmp_path / "cli"),
+                 "--latents", "256", "--k", "8", "--tokens", "256", "--batch-size", "64",
+                 "--holdout-tokens", "0"]) == 0
+    assert "no held-out tokens" in capsys.readouterr().out
 
 
 def test_cli_reports_training_errors(tmp_path, capsys):
