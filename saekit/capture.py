@@ -22,6 +22,7 @@ from saekit import __version__
 from saekit.cache import CACHE_FORMAT, MANIFEST, TOKENS_FILE, check_shard, read_manifest, \
     shard_name
 from saekit.corpus import DEFAULT_CORPUS, load_corpus, pack_token_rows
+from saekit.config import check_fields, domain
 from saekit.errors import CacheMismatchError, ConfigError, CorruptCacheError, HookNameError
 from saekit.files import TMP_MARK, sha256_file, write_json, write_safetensors
 from saekit.model import DEFAULT_MODEL, load_model
@@ -37,20 +38,19 @@ class CaptureConfig:
     hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"],
                              metadata={"flag": "hook"})
     dataset: str = DEFAULT_CORPUS
-    tokens: int = 1_000_000
-    context: int = 128
-    batch_rows: int = 16
-    shard_rows: int = 512
-    dtype: str = "float32"
+    tokens: int = field(default=1_000_000, metadata=domain(ge=1))
+    context: int = field(default=128, metadata=domain(ge=2))
+    batch_rows: int = field(default=16, metadata=domain(ge=1))
+    shard_rows: int = field(default=512, metadata=domain(ge=1))
+    dtype: str = field(default="float32", metadata=domain(choices=sorted(STORAGE_DTYPES)))
     seed: int = 0
     text_field: str = "text"
 
     def __post_init__(self) -> None:
-        if self.dtype not in STORAGE_DTYPES:
-            raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, not {self.dtype!r}")
-        if self.context < 2 or self.tokens < self.context:
-            raise ConfigError(f"Need context >= 2 and tokens >= context; got context "
-                             f"{self.context}, tokens {self.tokens}.")
+        check_fields(self)
+        if self.tokens < self.context:
+            raise ConfigError(f"--tokens must be >= --context; got --tokens {self.tokens}, "
+                              f"--context {self.context}.")
         if not self.hooks:
             raise ConfigError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
         self.shard_rows = max(self.batch_rows,
@@ -206,6 +206,10 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
         return out
     model = model if model is not None else load_model(config.model, device=device)
     stop_at_layer = check_hooks(model, config.hooks)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and config.context > n_ctx:
+        raise ConfigError(f"--context {config.context} is longer than {config.model}'s maximum "
+                          f"context of {n_ctx} tokens; give --context <= {n_ctx}.")
     if manifest is None:
         documents = load_corpus(config.dataset, seed=config.seed, text_field=config.text_field)
         tokens = pack_token_rows(documents, model.tokenizer, config.n_rows, config.context)

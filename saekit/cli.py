@@ -9,6 +9,7 @@ import json
 import sys
 import typing
 
+from saekit.config import flag_name
 from saekit.errors import ConfigError, SaekitError
 
 # modules that add their own sub-commands with register_cli(subparsers)
@@ -36,7 +37,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     """Add one ``--flag`` per dataclass field (list fields repeat: ``--hook A --hook B``)."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
-        flag = "--" + f.metadata.get("flag", f.name).replace("_", "-")
+        flag = flag_name(f)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
             else f.default
         kind = hints[f.name]

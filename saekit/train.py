@@ -23,6 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
+from saekit.config import check_fields, domain
 from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
 from saekit.files import atomic_path, write_json
@@ -44,44 +45,53 @@ class TrainConfig:
     activations: str = ""
     out: str = ""
     arch: list[str] = field(default_factory=lambda: ["topk"])
-    latents: list[int] = field(default_factory=lambda: [4096])
-    k: list[int] = field(default_factory=lambda: [32])
-    l1_coefficient: list[float] = field(default_factory=lambda: [5.0])
-    l0_coefficient: list[float] = field(default_factory=lambda: [1.0])
-    tokens: int = 500_000
-    batch_size: int = 1024
-    lr: float = 1e-3
-    lr_warmup_fraction: float = 0.05
-    lr_decay_fraction: float = 0.2  # linear decay to 0 over the last part of training
+    latents: list[int] = field(default_factory=lambda: [4096], metadata=domain(ge=1))
+    k: list[int] = field(default_factory=lambda: [32], metadata=domain(ge=1))
+    l1_coefficient: list[float] = field(default_factory=lambda: [5.0], metadata=domain(ge=0))
+    l0_coefficient: list[float] = field(default_factory=lambda: [1.0], metadata=domain(ge=0))
+    tokens: int = field(default=500_000, metadata=domain(ge=1))
+    batch_size: int = field(default=1024, metadata=domain(ge=1))
+    lr: float = field(default=1e-3, metadata=domain(gt=0))
+    lr_warmup_fraction: float = field(default=0.05, metadata=domain(ge=0, le=1))
+    # linear decay to 0 over the last part of training
+    lr_decay_fraction: float = field(default=0.2, metadata=domain(ge=0, le=1))
     hook: str | None = None
     normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
-    dead_tokens: int = 50_000  # a latent idle this many tokens counts as dead (AuxK, reports)
-    aux_coefficient: float = 1 / 32  # dead-latent aux loss (AuxK; jumprelu pre-act); 0: off
-    holdout_tokens: int = 65_536  # the cache's last shards, this many tokens, kept for evaluation
-    buffer_tokens: int = 1 << 18
+    # a latent idle this many tokens counts as dead (AuxK, reports)
+    dead_tokens: int = field(default=50_000, metadata=domain(ge=1))
+    # dead-latent aux loss (AuxK; jumprelu pre-act); 0: off
+    aux_coefficient: float = field(default=1 / 32, metadata=domain(ge=0))
+    # the cache's last shards, this many tokens, kept for evaluation
+    holdout_tokens: int = field(default=65_536, metadata=domain(ge=0))
+    buffer_tokens: int = field(default=1 << 18, metadata=domain(ge=1))
     seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
+    checkpoint_every: int = field(default=100, metadata=domain(ge=1))
+    log_every: int = field(default=10, metadata=domain(ge=1))
     device: str | None = None
     wandb: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         unknown = sorted(set(self.arch) - set(ARCHITECTURES))
         if unknown:
             raise SAEConfigError(f"Unknown architecture(s) {unknown}; choose from "
                                  f"{sorted(ARCHITECTURES)}.")
-        if self.batch_size < 1 or self.tokens < self.batch_size:
-            raise TrainingError(f"Need tokens >= batch_size >= 1; got tokens {self.tokens}, "
-                                f"batch_size {self.batch_size}.")
+        if self.tokens < self.batch_size:
+            raise TrainingError(f"--tokens must be >= --batch-size; got --tokens {self.tokens}, "
+                                f"--batch-size {self.batch_size}.")
 
     @property
     def steps(self) -> int:
         return self.tokens // self.batch_size
 
     def resume_key(self) -> dict:
-        """Settings that must match to resume a run (what you may change: device, logging)."""
-        skip = {"device", "wandb", "log_every", "checkpoint_every"}
-        return {k: v for k, v in asdict(self).items() if k not in skip}
+        """Settings that must match to resume a run (what you may change: device, logging,
+        and how the paths are spelled: the cache is compared by its resolved path, and the
+        checkpoint is in ``out`` itself)."""
+        skip = {"device", "wandb", "log_every", "checkpoint_every", "out"}
+        key = {k: v for k, v in asdict(self).items() if k not in skip}
+        key["activations"] = str(Path(self.activations).resolve()) if self.activations else ""
+        return key
 
 
 def sweep_configs(config: TrainConfig, d_in: int, metadata: SAEMetadata) -> dict[str, SAEConfig]:

@@ -3,15 +3,20 @@ traceback; damaged SAE folders and torn logs are named or repaired, never a raw 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import typing
 
 import pytest
 
 from saekit import cli
-from saekit.errors import SaekitError
+from saekit.capture import CaptureConfig, capture_activations
+from saekit.config import flag_name
+from saekit.errors import ConfigError, SaekitError
 from saekit.sae import SAEConfig, SAEMetadata, TopKSAE, load_sae
 from saekit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME
-from saekit.train import truncate_metrics
+from saekit.train import TrainConfig, truncate_metrics
 
 
 def run_raising(monkeypatch, error: BaseException, argv=("hooks",)) -> int:
@@ -77,3 +82,52 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert log.read_text() == "\n".join(lines[:2]) + "\n"
     truncate_metrics(log, step=9)  # idempotent, nothing torn left
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+CONFIGS = [CaptureConfig, TrainConfig]
+HOSTILE = [0, -1, 1.5, float("nan"), float("inf"), float("-inf"), 10 ** 30, "x", None, True]
+
+
+@pytest.mark.parametrize("config_class", CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_field_rejects_hostile_values_cleanly(config_class):
+    """Each field, given each hostile value: the config is built (the value is in the field's
+    domain) or ConfigError names the flag; never another exception, never NaN/inf accepted."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        for value in HOSTILE:
+            given = [value] if typing.get_origin(hints[f.name]) is list else value
+            try:
+                config = config_class(**{f.name: given})
+            except ConfigError as err:
+                assert flag_name(f) in str(err), (f.name, value, err)
+                continue
+            except SaekitError:  # a cross-field rule of the config (e.g. tokens < context)
+                continue
+            kept = getattr(config, f.name)
+            for item in kept if isinstance(kept, list) else [kept]:
+                assert not (isinstance(item, float) and not math.isfinite(item)), (f.name, value)
+            rule = f.metadata.get("domain")
+            if rule is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+                assert rule.admits(value), (f.name, value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["cache", "--batch-rows", "-4", "--tokens", "2048"],
+    ["cache", "--batch-rows", "0", "--tokens", "2048"],
+    ["train", "--activations", "A", "--lr", "inf"],
+    ["train", "--activations", "A", "--aux-coefficient", "nan"],
+    ["train", "--activations", "A", "--checkpoint-every", "0"],
+    ["train", "--activations", "A", "--log-every", "0"],
+])
+def test_bad_flags_fail_before_any_work(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(argv + ["--out", str(out)]) == 2
+    flag = next(a for a in argv[1:] if a.startswith("--") and a not in ("--tokens", "--activations"))
+    assert flag in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_context_longer_than_the_model_takes(model, tmp_path):
+    with pytest.raises(ConfigError, match="maximum context of 32768"):
+        capture_activations(CaptureConfig(context=100_000, tokens=100_000), tmp_path / "c",
+                            model=model)

@@ -80,7 +80,10 @@ def test_killed_training_resumes_to_identical_weights(train_cache, tmp_path):
     assert 0 < step < 3000, "training was not killed mid-run"
     assert not (killed / "topk_w512_k16" / "sae_weights.safetensors").exists()
 
-    subprocess.run(command, env=ENV, check=True, capture_output=True)
+    # resumed with the paths spelled differently (issue 12: a trailing slash did not resume)
+    respelled = [sys.executable, "-m", "saekit",
+                 *_train_args(f"{train_cache}/.", f"{killed}/", tokens)]
+    subprocess.run(respelled, env=ENV, check=True, capture_output=True)
     clean = tmp_path / "clean"
     subprocess.run([sys.executable, "-m", "saekit", *_train_args(train_cache, clean, tokens)],
                    env=ENV, check=True, capture_output=True)

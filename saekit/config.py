@@ -1,0 +1,102 @@
+"""Config fields that declare their own domain, checked once where the config is built (for the
+CLI and Python alike): ``tokens: int = field(default=1000, metadata=domain(ge=1))``.
+
+``check_fields(config)`` checks every field: its type (an int field takes an int, a float field
+a finite number, a list each item), and its declared bounds or choices. The message names the
+flag, the value and what is allowed. Float fields must be finite unless ``finite=False``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from saekit.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Domain:
+    """Allowed values of one field: bounds (``ge``/``gt``/``le``/``lt``) or ``choices``."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    choices: tuple | None = None
+    finite: bool = True
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "one of " + ", ".join(map(repr, self.choices))
+        parts = [f"{op} {bound:g}" for op, bound in ((">=", self.ge), (">", self.gt),
+                                                     ("<=", self.le), ("<", self.lt))
+                 if bound is not None]
+        return " and ".join(parts) if parts else "a finite number"
+
+    def admits(self, value: Any) -> bool:
+        if self.choices is not None:
+            return value in self.choices
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+
+def domain(*, flag: str | None = None, **bounds: Any) -> dict:
+    """Field metadata declaring the allowed values (see ``Domain``); ``flag`` renames the CLI
+    flag (``--hook`` for a field ``hooks``)."""
+    if "choices" in bounds:
+        bounds["choices"] = tuple(bounds["choices"])
+    return {"domain": Domain(**bounds)} | ({"flag": flag} if flag else {})
+
+
+def flag_name(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: ``--batch-rows`` for ``batch_rows``."""
+    return "--" + f.metadata.get("flag", f.name).replace("_", "-")
+
+
+def check_fields(config: Any) -> None:
+    """Raise ``ConfigError`` naming the first field whose value has the wrong type or lies
+    outside its declared ``domain``."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = hints[f.name]
+        rule = f.metadata.get("domain")
+        if typing.get_origin(kind) is list:
+            (item_kind,) = typing.get_args(kind)
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{flag_name(f)} takes a list, got {value!r}.")
+            for item in value:
+                _check_value(f, item_kind, item, rule)
+        else:
+            _check_value(f, kind, value, rule)
+
+
+def _check_value(f: dataclasses.Field, kind: Any, value: Any, rule: Domain | None) -> None:
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    options = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
+    if value is None:
+        if type(None) in typing.get_args(kind):
+            return
+        raise ConfigError(f"{flag_name(f)} needs a value.")
+    base = options[0]
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{flag_name(f)} is true or false, got {value!r}.")
+        return
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{flag_name(f)} takes a whole number, got {value!r}.")
+    elif base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{flag_name(f)} takes a number, got {value!r}.")
+        finite = rule.finite if rule else True
+        if math.isnan(value) or (finite and math.isinf(value)):
+            raise ConfigError(f"{flag_name(f)} must be a finite number, got {value!r}.")
+    elif base is str and not isinstance(value, str):
+        raise ConfigError(f"{flag_name(f)} takes text, got {value!r}.")
+    if rule is not None and not rule.admits(value):
+        raise ConfigError(f"{flag_name(f)} must be {rule.describe()}, got {value!r}.")
