@@ -210,10 +210,19 @@ def write_dashboard(out_dir: str | Path, model, sae, cache, features, n_examples
     cache's model's tokenizer, no logit lens). One streaming pass over the first
     ``max_rows`` rows (None: all) collects examples and statistics. Returns ``out_dir``.
     """
+    counts = {"--n-examples": (n_examples, 1), "--max-rows": (max_rows, 1), "n_bands": (n_bands, 1),
+              "per_band": (per_band, 0), "n_samples": (n_samples, 0),
+              "n_neighbours": (n_neighbours, 0), "map_neighbours": (map_neighbours, 0),
+              "k_logits": (k_logits, 0)}
+    for name, (value, least) in counts.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < least):
+            raise analyse.AnalysisInputError(f"{name} must be a whole number >= {least}, got "
+                                             f"{value!r}.")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     source = analyse.open_source(cache)
     ids = analyse.check_features(sae, features)
+    out.mkdir(parents=True, exist_ok=True)
     scan = analyse.scan_features(sae, source, ids, n_examples, n_samples, window, seed, max_rows)
     tokenizer = analyse._tokenizer(source, model.tokenizer if model is not None else None)
     examples = analyse.examples_from_scan(scan, tokenizer)

@@ -72,6 +72,10 @@ def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequenc
         logits, cache = model(tokens, return_type="logits_and_cache", attention_mask=mask,
                               use_cache=True)
         for step in range(max_new_tokens):
+            if not bool(torch.isfinite(logits[:, -1]).all()):
+                raise SteeringError(
+                    "The steered model's logits are not finite (NaN or inf): the edit is too "
+                    f"large for {logits.dtype} ({_describe(interventions)}). Use smaller values.")
             token = sample_next(logits[:, -1], temperature, generator, noise_period)
             token = torch.where(done, torch.full_like(token, fill), token)
             new.append(token)
@@ -82,6 +86,17 @@ def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequenc
             logits, cache = model(token[:, None], return_type="logits_and_cache",
                                   attention_mask=mask, past_key_values=cache)
     return torch.stack(new, dim=1)
+
+
+def _describe(interventions: Sequence[Any]) -> str:
+    parts = []
+    for item in interventions:
+        item = getattr(item, "intervention", item)  # OnRows: one setting of a sweep
+        for what in ("clamp", "add"):
+            values = getattr(item, what, None)
+            if values:
+                parts.append(f"{what} " + ", ".join(f"{f}={v:g}" for f, v in values.items()))
+    return "; ".join(parts) or "no feature edits"
 
 
 def stop_token_ids(model) -> set[int]:

@@ -131,3 +131,16 @@ def test_context_longer_than_the_model_takes(model, tmp_path):
     with pytest.raises(ConfigError, match="maximum context of 32768"):
         capture_activations(CaptureConfig(context=100_000, tokens=100_000), tmp_path / "c",
                             model=model)
+
+
+@pytest.mark.parametrize("flags, named", [(["--n-examples", "-1"], "--n-examples"),
+                                          (["--max-rows", "-1"], "--max-rows"),
+                                          (["--max-rows", "0"], "--max-rows")])
+def test_dashboard_counts_below_one_are_refused(saved, small_capture, tmp_path, capsys, flags,
+                                                named):
+    """Issue 12 items 7 and 8: -1 examples crashed; -1 rows wrote 'never fires' pages, exit 0."""
+    out = tmp_path / "dash"
+    assert cli.main(["dashboard", "--sae", str(saved), "--activations", str(small_capture),
+                     "--features", "0:2", "--out", str(out), *flags]) == 2
+    assert named in capsys.readouterr().err
+    assert not out.exists()

@@ -244,3 +244,15 @@ def test_bad_input_gets_clear_errors(model, sae):
     with pytest.raises(SteeringError, match="width 64, but"):
         steer(model, SteeringVector(torch.ones(64), HOOK)).__enter__()
     assert no_steering_left(model)
+
+
+def test_a_clamp_too_large_for_float32_is_an_error_not_an_empty_text(model):
+    """Issue 12 item 11: clamping a feature of the shipped SAE to 1e38 made the logits NaN and
+    generated nothing, exit 0."""
+    from saekit.demo import SHIPPED_SAE
+    from saekit.sae import load_sae
+
+    shipped = load_sae(SHIPPED_SAE)
+    with pytest.raises(SteeringError, match="not finite.*clamp 3=1e\\+38"):
+        generate(model, PROMPT, shipped, clamp={3: 1e38}, max_new_tokens=3, temperature=0)
+    assert no_steering_left(model)
