@@ -24,7 +24,7 @@ from saekit.cache import CACHE_FORMAT, MANIFEST, TOKENS_FILE, check_shard, read_
 from saekit.corpus import DEFAULT_CORPUS, load_corpus, pack_token_rows
 from saekit.config import check_fields, domain
 from saekit.errors import CacheMismatchError, ConfigError, CorruptCacheError, HookNameError
-from saekit.files import TMP_MARK, sha256_file, write_json, write_safetensors
+from saekit.files import LOCK_FILE, TMP_MARK, output_lock, sha256_file, write_json, write_safetensors
 from saekit.model import DEFAULT_MODEL, load_model
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,7 +95,8 @@ def prepare_out_folder(out: Path, settings: dict) -> dict | None:
     if not out.exists():
         return None
     if not (out / MANIFEST).exists():
-        ours = re.compile(rf"^(shard_\d+\.safetensors|{TOKENS_FILE})({re.escape(TMP_MARK)}.*)?$")
+        ours = re.compile(rf"^(shard_\d+\.safetensors|{TOKENS_FILE})({re.escape(TMP_MARK)}.*)?$"
+                          rf"|^{re.escape(LOCK_FILE)}$")
         foreign = [p.name for p in out.iterdir() if not ours.match(p.name)]
         if foreign:
             raise CacheMismatchError(
@@ -197,9 +198,14 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
     """Capture ``config.hooks`` over ``config.dataset`` into the cache folder ``out``.
 
     Resumes a cache with the same settings; raises ``CacheMismatchError`` for one
-    made with other settings. Pass ``model`` to reuse a loaded ``TransformerBridge``.
+    made with other settings, ``FolderInUseError`` while another run writes there. Pass
+    ``model`` to reuse a loaded ``TransformerBridge``.
     """
-    out = Path(out)
+    with output_lock(out, "cache") as out:
+        return _capture_into(config, out, model, device)
+
+
+def _capture_into(config: CaptureConfig, out: Path, model, device) -> Path:
     settings = asdict(config)
     manifest = prepare_out_folder(out, settings)
     if manifest is not None and manifest["complete"]:

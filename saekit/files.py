@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary file beside the target, fsync, then rename."""
+"""Atomic file writes (a temporary file beside the target, fsync, then rename) and the lock that
+keeps two runs out of one output folder."""
 
 from __future__ import annotations
 
@@ -11,9 +12,41 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import save_file
 
+from saekit.errors import SaekitError
+
 TMP_MARK = ".tmp-"
+LOCK_FILE = ".saekit-lock"
+
+
+class FolderInUseError(SaekitError):
+    """Another saekit run is writing to the same output folder."""
+
+
+@contextmanager
+def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold an advisory lock on the output ``folder`` (created if missing) while a run writes
+    there; a second run on the same folder is refused at once. A folder this call created is
+    removed again if the run wrote nothing into it."""
+    folder = Path(folder)
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(folder / LOCK_FILE, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise FolderInUseError(f"{folder} is in use by another saekit {command} (it holds "
+                               f"{folder / LOCK_FILE}). Wait for that run to finish, or give "
+                               "another --out.") from None
+    try:
+        yield folder
+    finally:
+        lock.release()
+        if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+            (folder / LOCK_FILE).unlink(missing_ok=True)
+            folder.rmdir()
 
 
 @contextmanager

@@ -26,7 +26,7 @@ from saekit.cache import ActivationCache, ActivationStream
 from saekit.config import check_fields, domain
 from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
-from saekit.files import atomic_path, write_json
+from saekit.files import atomic_path, output_lock, write_json
 from saekit.model import default_device
 from saekit.sae import ARCHITECTURES, SAE, SAEConfig, SAEMetadata
 
@@ -285,9 +285,19 @@ def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
 
 
 def train(config: TrainConfig) -> dict[str, Path]:
-    """Train every SAE of ``config``; returns name → saved SAE folder (under ``config.out``)."""
+    """Train every SAE of ``config``; returns name → saved SAE folder (under ``config.out``).
+    ``FolderInUseError`` while another run trains into ``config.out``."""
     device = default_device(config.device)
     ranks = Distributed.from_environment(device)
+    if not config.out:
+        raise TrainingError("Give an output folder: --out DIR (TrainConfig.out).")
+    if ranks.rank != 0:  # only rank 0 writes, and holds the folder's lock
+        return _train(config, device, ranks)
+    with output_lock(config.out, "train"):
+        return _train(config, device, ranks)
+
+
+def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dict[str, Path]:
     if config.batch_size % ranks.world:
         raise TrainingError(f"batch_size {config.batch_size} must divide evenly over "
                             f"{ranks.world} processes.")

@@ -144,3 +144,26 @@ def test_dashboard_counts_below_one_are_refused(saved, small_capture, tmp_path, 
                      "--features", "0:2", "--out", str(out), *flags]) == 2
     assert named in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_second_writer_on_one_folder_is_refused(small_capture, tmp_path, capsys):
+    """Issue 12 item 4: a second `saekit cache` on the same --out deleted the first run's temp
+    shard. Now each run holds a lock on its folder: a second cache or train run is refused at
+    once, touching nothing, and the first (here: the lock held by this test) is unharmed."""
+    from saekit.files import LOCK_FILE, output_lock
+
+    cache_out, train_out = tmp_path / "cache", tmp_path / "train"
+    with output_lock(cache_out, "cache"), output_lock(train_out, "train"):
+        (cache_out / "shard_00000.safetensors.tmp-abc").write_bytes(b"in flight")
+        assert cli.main(["cache", "--tokens", "256", "--context", "64", "--out",
+                         str(cache_out)]) == 2
+        assert "in use by another saekit cache" in capsys.readouterr().err
+        assert (cache_out / "shard_00000.safetensors.tmp-abc").read_bytes() == b"in flight"
+        assert cli.main(["train", "--activations", str(small_capture), "--out", str(train_out),
+                         "--tokens", "1024", "--batch-size", "64"]) == 2
+        assert "in use by another saekit train" in capsys.readouterr().err
+        assert [p.name for p in train_out.iterdir()] == [LOCK_FILE]
+    # released: the same training runs
+    assert cli.main(["train", "--activations", str(small_capture), "--out", str(train_out),
+                     "--hook", "blocks.6.hook_resid_post", "--latents", "64", "--k", "4",
+                     "--tokens", "1024", "--batch-size", "64", "--holdout-tokens", "0"]) == 0
