@@ -180,7 +180,15 @@ def default_corpus(seed: int = 0,
 
 
 def _dataset_documents(dataset: Iterable[dict], text_field: str, name: str) -> Iterator[str]:
-    for record in dataset:
+    records = iter(dataset)
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as err:
+            raise CorpusError(f"Corpus {name!r} is not UTF-8 text ({err}). Convert it to UTF-8, "
+                              "or pass another --dataset.") from None
         if text_field not in record:
             raise CorpusError(
                 f"Dataset {name!r} has no field {text_field!r}; its fields are "

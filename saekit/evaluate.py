@@ -31,7 +31,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from saekit.errors import SaekitError
-from saekit.files import atomic_path, write_json
+from saekit.files import atomic_path, check_writable, write_json
 from saekit.formats import SAE_HELP, load_foreign_sae
 from saekit.sae import SAE
 
@@ -271,6 +271,7 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
     if context < 2 or tokens < context:
         raise EvaluationError(f"Need context >= 2 and tokens >= context, got tokens={tokens}, "
                               f"context={context}.")
+    check_writable(out)  # before the work, not at the final write
     sae = load_foreign_sae(sae_dir, subfolder=subfolder, model_name=model_name,
                            hook_name=hook_name)
     name = sae.cfg.metadata.model_name or DEFAULT_MODEL

@@ -25,6 +25,27 @@ class FolderInUseError(SaekitError):
     """Another saekit run is writing to the same output folder."""
 
 
+class OutputPathError(SaekitError):
+    """An output path that cannot be written."""
+
+
+def check_writable(path: str | Path, folder: bool = False) -> None:
+    """Raise ``OutputPathError`` now, before expensive work, if ``path`` (a file, or with
+    ``folder`` a folder) could not be written: a file in the way of a folder or of its parent,
+    a folder in the way of a file, or no write permission. Creates nothing."""
+    path = Path(path).expanduser()
+    if path.exists() and path.is_dir() != folder:
+        raise OutputPathError(f"{path} is a {'file' if folder else 'folder'}; give a "
+                              f"{'folder' if folder else 'file'} path for the output.")
+    existing = path if path.exists() else path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"Cannot write {path}: {existing} is a file, not a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"Cannot write {path}: no write permission in {existing}.")
+
+
 @contextmanager
 def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
     """Hold an advisory lock on the output ``folder`` (created if missing) while a run writes

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.files import atomic_path, write_json
+from saekit.files import atomic_path, check_writable, write_json
 from saekit.formats import SAE_HELP
 from saekit.sae import SAE
 from saekit.generation import (add_generation_arguments, load_sae_and_model, sample_tokens,
@@ -253,6 +253,8 @@ def steering_curve(model, sae: SAE, feature: int, values: Sequence[float],
     """
     if not values:
         raise SteeringError("Give at least one clamp value.")
+    if out is not None:
+        check_writable(out, folder=True)  # before the work, not at the final write
     plans = [[Intervention(sae, clamp={feature: value})] for value in values]
     sweep = steering_sweep(model, plans, prompts, concept_keywords, max_new_tokens,
                            samples_per_prompt, temperature, seed, neutral_texts, positions,

@@ -190,8 +190,10 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     first = outputs(tmp_path, "steering_benchmark")
     kings = first["concepts"]["kings"]
     assert set(kings["methods"]) == {"sae_clamp", "sae_add", "mean_difference", "prompting"}
+    grid = {"sae_clamp": [0.2, 0.5], "sae_add": [0.2, 0.5], "mean_difference": [0.5],
+            "prompting": [None]}  # the vector has its own strengths
     for method, points in kings["methods"].items():
-        assert len(points) == (1 if method == "prompting" else 2)
+        assert [p["strength"] for p in points] == grid[method]
         for point in points:
             assert point["n_generations"] == 2 and 0 <= point["mention_rate"] <= 1
             assert len(point["probe_scores"]) == 2 and point["perplexity"] > 1

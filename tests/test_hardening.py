@@ -167,3 +167,27 @@ def test_a_second_writer_on_one_folder_is_refused(small_capture, tmp_path, capsy
     assert cli.main(["train", "--activations", str(small_capture), "--out", str(train_out),
                      "--hook", "blocks.6.hook_resid_post", "--latents", "64", "--k", "4",
                      "--tokens", "1024", "--batch-size", "64", "--holdout-tokens", "0"]) == 0
+
+
+def test_a_dataset_that_is_not_utf8_is_named(tmp_path):
+    from saekit.corpus import load_corpus
+    from saekit.errors import CorpusError
+
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(128, 256)) * 20)
+    with pytest.raises(CorpusError, match=f"{noise}.* is not UTF-8 text"):
+        next(iter(load_corpus(str(noise))))
+
+
+def test_outputs_that_cannot_be_written_fail_before_the_work(saved, tmp_path, capsys):
+    """Issue 12 item 10: eval and steer-eval did all their work, then lost it at the final
+    write. A file where a folder must go (or the reverse) is now refused before any work."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert cli.main(["eval", "--sae", str(saved), "--out", str(blocker / "eval.json")]) == 2
+    assert f"{blocker} is a file" in capsys.readouterr().err
+    assert cli.main(["steer-eval", "--sae", str(saved), "--feature", "0", "--concept", "x",
+                     "--values", "1", "--out", str(blocker)]) == 2
+    assert f"{blocker} is a file" in capsys.readouterr().err
+    assert cli.main(["eval", "--sae", str(saved), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
