@@ -56,7 +56,7 @@ DEFAULTS = {"concepts": "", "strengths": [0.1, 0.15, 0.2, 0.3],
             "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "groups": [1, 3, 10],
             "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
 FULL = {"samples_per_prompt": 5}
-VERSION = 3  # of the measurement: partial results of another version are not resumed
+VERSION = 4  # of the measurement: partial results of another version are not resumed
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -55,6 +55,10 @@ class ConceptSearch:
     groups: list[int] = field(default_factory=lambda: [1, 3, 10])
     # measured on cheese and wine at layer 6: 0.35x already triples perplexity for most features
     strengths: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.3])
+    # edit sizes of the forward-pass screen, larger than those validated: screened at 0.15x and
+    # 0.2x, the top cheese features never said "cheese" (benchmark v3: 0%); at 0.35x and 0.5x
+    # they did (v2: 40%)
+    screen_strengths: list[float] = field(default_factory=lambda: [0.35, 0.5])
     max_new_tokens: int = 32
     samples_per_prompt: int = 2  # per validation prompt
     temperature: float = 0.7
@@ -365,7 +369,7 @@ def select_concept_features(model, sae, tokens: Tensor, reference: Tensor,
     directions = decoder_directions(sae)
     candidates = pool_candidates(sae, directions, gradient, acts, mean_difference, statistics,
                                  search.candidates_per_ranking)
-    screen_norms = [s * scale for s in search.strengths[1:3] or search.strengths]
+    screen_norms = [s * scale for s in search.screen_strengths]
     unit = torch.stack([directions[c.feature] / c.direction_norm for c in candidates])
     lift, kl = screen_directions(model, hook, unit, screen_norms, prompt_tokens, mask, token_ids)
     for candidate, l, k in zip(candidates, lift.tolist(), kl.tolist()):

@@ -63,8 +63,11 @@ class ConceptConfig:
 
 def check_search(search: ConceptSearch) -> None:
     """Raise ``ConceptError`` for strengths, counts or ratios that cannot work."""
-    if not search.strengths or any(not (math.isfinite(s) and s > 0) for s in search.strengths):
-        raise ConceptError(f"--strengths must be finite numbers > 0, got {search.strengths}.")
+    for what in ("strengths", "screen_strengths"):
+        values = getattr(search, what)
+        if not values or any(not (math.isfinite(s) and s > 0) for s in values):
+            raise ConceptError(f"--{what.replace('_', '-')} must be finite numbers > 0, got "
+                               f"{values}.")
     if not search.groups or any(n < 1 for n in search.groups):
         raise ConceptError(f"--groups must be sizes >= 1, got {search.groups}.")
     for what in ("candidates_per_ranking", "max_new_tokens", "samples_per_prompt"):

@@ -97,6 +97,7 @@ def test_search_finds_the_planted_feature_and_it_steers(model, planted, rows):
     statistics = feature_statistics(sae, ModelSource(model, sample))
     reference = window_activations(model, HOOK, [r[1:] for r in sample])
     search = ConceptSearch(candidates_per_ranking=4, groups=[1], strengths=[1.0, 2.0, 3.0],
+                           screen_strengths=[2.0, 3.0],
                            max_new_tokens=12, samples_per_prompt=1)
     prompts = ["I think that", "Tell me about your weekend.", "My favourite place is"]
     result = find_concept_steering(model, sae, rows, reference, statistics, "cheese", KEYWORDS,
