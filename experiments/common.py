@@ -135,7 +135,8 @@ def train_saes(args: argparse.Namespace, tag: str, **fields: Any) -> dict[str, P
     """Train (or reuse, if already trained with the same settings) the sweep ``fields``
     describes, under ``OUT/saes/TAG-HASH``; returns name → SAE folder."""
     config = train_config(args, **fields)
-    key = json.dumps(config.resume_key(), sort_keys=True, default=str)
+    key = json.dumps(config.resume_key() | {"activations": config.activations}, sort_keys=True,
+                     default=str)
     config.out = str(Path(args.out) / "saes" / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     d_model = ActivationCache.open(config.activations).d_model
     names = sweep_configs(config, d_model, SAEMetadata())

@@ -201,6 +201,11 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
     made with other settings, ``FolderInUseError`` while another run writes there. Pass
     ``model`` to reuse a loaded ``TransformerBridge``.
     """
+    out = Path(out)
+    if (out / MANIFEST).is_file():  # a finished cache is only read: no lock, no write access
+        manifest = read_manifest(out)
+        if manifest["complete"] and manifest["settings"] == asdict(config):
+            return out
     with output_lock(out, "cache") as out:
         return _capture_into(config, out, model, device)
 

@@ -254,7 +254,10 @@ def choose_steering(model, sae, candidates: list[Candidate], directions: Tensor,
     rate, marked as not meeting the target."""
     ranked = [c.feature for c in
               sorted(candidates, key=lambda c: -max(c.screen_lift, default=-math.inf))]
-    sizes = sorted({min(n, len(ranked)) for n in search.groups})
+    sizes = sorted({min(n, len(ranked)) for n in search.groups if n >= 1})
+    if not sizes or not ranked:
+        raise ConceptError(f"Nothing to validate: groups {search.groups} (give sizes >= 1, e.g. "
+                           f"--groups 1,3,10) and {len(ranked)} candidate features.")
     settings = {(tuple(ranked[:n]), s): [clamp_plan(sae, ranked[:n], directions, s, scale)]
                 for n in sizes for s in search.strengths}
     base, points = validate_plans(model, settings, validation_prompts, keywords, search,

@@ -167,7 +167,7 @@ def concept_result(model, sae, sae_dir: Path, cache: ActivationCache, name: str,
     result = find_concept_steering(model, sae, cache.tokens(), reference, statistics, name,
                                    keywords, search=search,
                                    evaluation_samples=config.samples_per_prompt,
-                                   vector_strengths=[search.strengths[1], search.strengths[-1]],
+                                   vector_strengths=[0.3, 0.5],  # the baseline's own grid
                                    progress=print)
     result["demo_key"] = key
     write_json(path, result)

@@ -64,10 +64,11 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        lock.release()
+        # removed while still held, so that no other run can lock the file being removed
         if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
             (folder / LOCK_FILE).unlink(missing_ok=True)
             folder.rmdir()
+        lock.release()
 
 
 @contextmanager

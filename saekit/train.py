@@ -194,7 +194,10 @@ def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
     if not path.exists():
         return None
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved = checkpoint["config"]
+    saved = dict(checkpoint["config"])
+    saved.pop("out", None)  # checkpoints before the key compared resolved paths
+    if saved.get("activations"):
+        saved["activations"] = str(Path(saved["activations"]).resolve())
     if saved != config.resume_key():
         differ = [f"{k}: checkpoint has {saved.get(k)!r}, asked {v!r}"
                   for k, v in config.resume_key().items() if saved.get(k) != v]
