@@ -18,6 +18,7 @@ from pathlib import Path
 from saekit.concept import ConceptSearch, find_concept_steering
 from saekit.concept_texts import ConceptError, keyword_list
 from saekit.corpus import DEFAULT_CORPUS
+from saekit.files import check_writable
 from saekit.specialize import SpecializeConfig
 
 RESULT_JSON = "concept.json"
@@ -56,9 +57,7 @@ class ConceptConfig:
             path = getattr(self, what)
             if path and not Path(path).exists():
                 raise ConceptError(f"--{what.replace('_', '-')} {path} does not exist.")
-        out = Path(self.out)
-        if out.exists() and not out.is_dir():
-            raise ConceptError(f"--out {out} is a file; give a folder.")
+        check_writable(self.out, folder=True)
 
 
 def check_search(search: ConceptSearch) -> None:

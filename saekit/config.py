@@ -44,12 +44,11 @@ class Domain:
                 and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
 
 
-def domain(*, flag: str | None = None, **bounds: Any) -> dict:
-    """Field metadata declaring the allowed values (see ``Domain``); ``flag`` renames the CLI
-    flag (``--hook`` for a field ``hooks``)."""
+def domain(**bounds: Any) -> dict:
+    """Field metadata declaring the allowed values (see ``Domain``)."""
     if "choices" in bounds:
         bounds["choices"] = tuple(bounds["choices"])
-    return {"domain": Domain(**bounds)} | ({"flag": flag} if flag else {})
+    return {"domain": Domain(**bounds)}
 
 
 def flag_name(f: dataclasses.Field) -> str:
