@@ -108,8 +108,9 @@ def best_within(points: Sequence[dict], limit: float, key: str = "mention_rate")
 
 
 def summarise(point: dict, pattern, probe: list[float], threshold: float) -> dict:
-    """A measured setting without its samples' full texts, with the probe added (a sample is
-    a probe hit when its score reaches ``threshold``)."""
+    """A measured setting with its samples' prompts and texts (so a second score can be
+    recomputed later) and the probe added (a sample is a probe hit when its score reaches
+    ``threshold``)."""
     mentions = [bool(pattern.search(s["text"])) for s in point["samples"]]
     hits = [score >= threshold for score in probe]
     return {"mention_rate": sum(mentions) / len(mentions),
@@ -118,7 +119,8 @@ def summarise(point: dict, pattern, probe: list[float], threshold: float) -> dic
             "perplexity": point["perplexity"], "kl_neutral": point["kl_neutral"],
             "n_generations": point["n_generations"],
             "labels": [[int(m), int(h)] for m, h in zip(mentions, hits)],
-            "examples": [s["text"] for s in point["samples"][:3]]}
+            "examples": [s["text"] for s in point["samples"][:3]],
+            "samples": [{"prompt": s["prompt"], "text": s["text"]} for s in point["samples"]]}
 
 
 def agreement(labels: Sequence[Sequence[int]]) -> dict:
