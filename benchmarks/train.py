@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from topk_bench_flags import add_topk_bench_flags
 
 from saekit.evaluate import reconstruction_metrics
-from saekit.sae import SAEConfig, TopKSAE
+from saekit.sae import TopKSAE, sae_config
 from saekit.train import TrainConfig, open_stream, train
 
 
@@ -58,8 +58,8 @@ def plain_topk_loop(stream, steps: int, d_sae: int, k: int, lr: float, seed: int
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=1, keepdim=True)
     rate = steps * len(first) / (time.perf_counter() - start)
-    sae = TopKSAE(SAEConfig("topk", d_in, d_sae, k=k, activation_scale=float(scale),
-                            normalize_activations="expected_average_only_in"))
+    sae = TopKSAE(sae_config("topk", d_in, d_sae, k=k, activation_scale=float(scale),
+                             normalize_activations="expected_average_only_in"))
     with torch.no_grad():
         for name, value in (("W_enc", W_enc), ("b_enc", b_enc), ("W_dec", W_dec), ("b_dec", b_dec)):
             getattr(sae, name).copy_(value)
@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    config = TrainConfig(activations=args.activations, latents=[args.latents], k=[args.k],
+    config = TrainConfig(activations=args.activations, latents=[args.latents],
+                         options={"k": [args.k]},
                          batch_size=args.batch_size, tokens=args.tokens, lr=args.lr,
                          checkpoint_every=10**9, log_every=1)
     saekit_rate, saekit_fvu = time_saekit(config)

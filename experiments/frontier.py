@@ -49,7 +49,8 @@ def measure(saved: dict[str, Path], args: argparse.Namespace) -> list[dict]:
         sae = load_sae(folder).eval()
         held = common.summary(folder)["held_out"]
         spliced = downstream_metrics(model, sae, rows, batch_rows=4)
-        points.append({"name": name, "arch": sae.cfg.architecture, "k": sae.cfg.k,
+        points.append({"name": name, "arch": sae.cfg.architecture,
+                       "k": getattr(sae.cfg.options, "k", None),
                        "l0": held["l0"], "fvu": held["fvu"],
                        "dead_fraction": held["dead_fraction"],
                        "ce_loss_recovered": spliced["ce_loss_recovered"],

@@ -8,6 +8,7 @@ import importlib
 import json
 import sys
 import typing
+from typing import Any
 
 from saekit.config import flag_name
 from saekit.errors import ConfigError, SaekitError
@@ -34,31 +35,71 @@ class ExtendFromCommas(argparse.Action):
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) -> None:
-    """Add one ``--flag`` per dataclass field (list fields repeat: ``--hook A --hook B``)."""
+    """Add one ``--flag`` per dataclass field (list fields repeat: ``--hook A --hook B``);
+    a field's ``help`` metadata is its help text."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
-        flag = flag_name(f)
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-            else f.default
-        kind = hints[f.name]
-        if typing.get_origin(kind) is list:
-            (item,) = typing.get_args(kind)
-            parser.add_argument(flag, dest=f.name, action=ExtendFromCommas, item_type=item,
-                                default=None, help="repeatable or comma-separated (default: "
-                                f"{','.join(map(str, default))})")
-        elif kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default)
-        else:
-            optional = [a for a in typing.get_args(kind) if a is not type(None)]
-            parser.add_argument(flag, dest=f.name, type=optional[0] if optional else kind,
-                                default=default, help=f"(default: {default})")
+        if f.metadata.get("cli", True):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+            _add_flag(parser, flag_name(f), f.name, hints[f.name], default,
+                      f.metadata.get("help", ""))
+
+
+def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
+    """One repeatable ``--flag`` per setting of any registered SAE architecture (``--k``,
+    ``--l1-coefficient``, ...), swept like every list flag; ``architecture_options_from_args``
+    collects them."""
+    from saekit.sae import ARCHITECTURES, architecture_settings
+
+    group = parser.add_argument_group("architecture settings (each applies to the "
+                                      "architectures named; unset: their default)")
+    for name, owners in architecture_settings().items():
+        f = owners[0][1]
+        kind = typing.get_type_hints(ARCHITECTURES[owners[0][0]].config_class)[name]
+        values = {field.default for _, field in owners}
+        defaults = (f"{values.pop()} ({', '.join(arch for arch, _ in owners)})" if len(values) == 1
+                    else ", ".join(f"{arch} {field.default}" for arch, field in owners))
+        group.add_argument(flag_name(f), dest=name, action=ExtendFromCommas,
+                           item_type=_scalar_type(kind), default=None,
+                           help=f"{f.metadata.get('help', '')} (default: {defaults})")
+
+
+def architecture_options_from_args(args: argparse.Namespace) -> dict[str, list]:
+    """The architecture settings given on the command line: name → values."""
+    from saekit.sae import architecture_settings
+
+    return {name: getattr(args, name) for name in architecture_settings()
+            if getattr(args, name, None) is not None}
+
+
+def _scalar_type(kind: Any) -> type:
+    optional = [a for a in typing.get_args(kind) if a is not type(None)]
+    return optional[0] if optional else kind
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: str, dest: str, kind: Any, default: Any,
+              help: str) -> None:
+    if typing.get_origin(kind) is list:
+        (item,) = typing.get_args(kind)
+        parser.add_argument(flag, dest=dest, action=ExtendFromCommas, item_type=item,
+                            default=None, help=f"{help}; repeatable or comma-separated "
+                            f"(default: {','.join(map(str, default))})".lstrip("; "))
+    elif kind is bool:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                            default=default, help=help or None)
+    else:
+        parser.add_argument(flag, dest=dest, type=_scalar_type(kind), default=default,
+                            help=f"{help} (default: {default})".lstrip())
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):
     """Build the dataclass from parsed flags, leaving unset list flags at their defaults."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)
-              if getattr(args, f.name) is not None}
+              if f.metadata.get("cli", True) and getattr(args, f.name) is not None}
+    for f in dataclasses.fields(config_class):
+        if f.metadata.get("architecture_settings"):
+            values[f.name] = architecture_options_from_args(args)
     return config_class(**values)
 
 
@@ -114,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train SAEs (a sweep) on cached activations")
     add_config_arguments(train, TrainConfig)
+    add_architecture_arguments(train)
     train.set_defaults(run=run_train)
 
     hooks = sub.add_parser("hooks", help="list a model's hook names")

@@ -8,6 +8,7 @@ flag, the value and what is allowed. Float fields must be finite unless ``finite
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -51,14 +52,33 @@ def domain(**bounds: Any) -> dict:
     return {"domain": Domain(**bounds)}
 
 
+def setting(default: Any, help: str, **bounds: Any) -> Any:
+    """A config field with its ``--help`` text and, optionally, its domain:
+    ``k: int = setting(32, "active latents per sample", ge=1)``."""
+    metadata = {"help": help, **(domain(**bounds) if bounds else {})}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(default),
+                                 metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def flag_name(f: dataclasses.Field) -> str:
     """The command-line flag of a config field: ``--batch-rows`` for ``batch_rows``."""
     return "--" + f.metadata.get("flag", f.name).replace("_", "-")
 
 
-def check_fields(config: Any) -> None:
-    """Raise ``ConfigError`` naming the first field whose value has the wrong type or lies
-    outside its declared ``domain``."""
+def check_fields(config: Any, error: type[ConfigError] = ConfigError) -> None:
+    """Raise ``error`` naming the first field whose value has the wrong type or lies outside
+    its declared ``domain``."""
+    try:
+        _check_fields(config)
+    except ConfigError as err:
+        if error is ConfigError:
+            raise
+        raise error(str(err)) from None
+
+
+def _check_fields(config: Any) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)

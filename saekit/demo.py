@@ -66,7 +66,7 @@ class DemoConfig:
 def shipped_train_config(activations: str, out: str, config: DemoConfig) -> TrainConfig:
     """The recipe of the shipped SAE (``--retrain`` runs it): TopK, 16,384 latents, k 32."""
     return TrainConfig(activations=activations, out=out, arch=["topk"], latents=[config.latents],
-                       k=[config.k], tokens=config.train_tokens,
+                       options={"k": [config.k]}, tokens=config.train_tokens,
                        holdout_tokens=config.holdout_tokens, batch_size=config.batch_size,
                        seed=config.seed, device=config.device)
 
@@ -76,8 +76,11 @@ RETRAIN_COMMAND = "saekit demo --retrain --tokens 1200000"
 
 def recipe(config: DemoConfig) -> dict:
     """The training settings ``--retrain`` uses, without the run's folders."""
-    settings = asdict(shipped_train_config("", "", config))
-    return {k: v for k, v in settings.items() if k not in ("activations", "out", "device")}
+    train_config = shipped_train_config("", "", config)
+    settings = asdict(train_config)
+    return {k: v for k, v in settings.items() if k not in ("activations", "out", "device",
+                                                           "options")} \
+        | {"sweep": train_config.resume_key()["sweep"]}
 
 
 def ship_sae(trained: str | Path, dest: str | Path = SHIPPED_SAE) -> Path:

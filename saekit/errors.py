@@ -40,7 +40,7 @@ class TrainingError(SaekitError):
     """Training cannot start or go on with these settings or this data."""
 
 
-class SAEConfigError(SaekitError, ValueError):
+class SAEConfigError(ConfigError):
     """An SAE configuration (or a saved SAE's cfg.json) with values saekit cannot use."""
 
 

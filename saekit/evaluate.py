@@ -289,7 +289,7 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
                       f"d_sae {sae.d_sae}, {metrics['tokens']:,} tokens")
     report = {
         "sae": str(sae_dir), "subfolder": subfolder, "architecture": sae.cfg.architecture,
-        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.cfg.k, "model": name,
+        "d_in": sae.d_in, "d_sae": sae.d_sae, "k": getattr(sae.cfg.options, "k", None), "model": name,
         "hook_name": sae.cfg.metadata.hook_name, "dataset": dataset, "seed": seed,
         **{k: _finite_or_none(v) for k, v in metrics.items()},
         "dead_latents": int((frequency < DEAD_FREQUENCY).sum()),

@@ -227,8 +227,9 @@ def load_sparsify(folder: Path) -> TopKSAE:
     match = re.fullmatch(r"(?:model\.)?layers\.(\d+)", folder.name)
     metadata = SAEMetadata(hook_name=RESID_POST.format(match.group(1)) if match else None,
                            extra={"sparsify_hookpoint": folder.name})
-    cfg = SAEConfig("topk", d_in, d_sae, k=config["k"], dtype=_dtype_name(weights["W_dec"]),
-                    apply_b_dec_to_input=True, metadata=metadata)
+    cfg = SAEConfig("topk", d_in, d_sae, options={"k": config["k"]},
+                    dtype=_dtype_name(weights["W_dec"]), apply_b_dec_to_input=True,
+                    metadata=metadata)
     return _build(cfg, {"W_enc": weights["encoder.weight"].T, "b_enc": weights["encoder.bias"],
                         "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]})
 

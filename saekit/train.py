@@ -15,8 +15,9 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -24,31 +25,32 @@ from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
 from saekit.config import check_fields, domain
-from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingError
+from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
 from saekit.files import atomic_path, output_lock, write_json
 from saekit.model import default_device
-from saekit.sae import ARCHITECTURES, SAE, SAEConfig, SAEMetadata
+from saekit.sae import ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings
 
 CHECKPOINT = "checkpoint.pt"
-SWEEP_FIELDS = {"relu": "l1_coefficient", "jumprelu": "l0_coefficient"}
 
 
 @dataclass
 class TrainConfig:
-    """One training run (possibly a sweep). The CLI's ``saekit train`` flags are these fields.
+    """One training run (possibly a sweep). The CLI's ``saekit train`` flags are these fields
+    and, for ``options``, one flag per architecture setting (``--k``, ``--l1-coefficient``, ...).
 
-    List fields are swept: every combination that applies to an architecture is trained
-    (``k`` for topk/batchtopk, ``l1_coefficient`` for relu, ``l0_coefficient`` for jumprelu).
+    Every combination of ``arch``, ``latents`` and the ``options`` values an architecture has
+    is trained: ``options={"k": [16, 32], "aux_k": [256]}`` sweeps k for topk and batchtopk;
+    settings not given keep the architecture's default (see ``saekit.sae``'s config classes).
     """
 
     activations: str = ""
     out: str = ""
     arch: list[str] = field(default_factory=lambda: ["topk"])
     latents: list[int] = field(default_factory=lambda: [4096], metadata=domain(ge=1))
-    k: list[int] = field(default_factory=lambda: [32], metadata=domain(ge=1))
-    l1_coefficient: list[float] = field(default_factory=lambda: [5.0], metadata=domain(ge=0))
-    l0_coefficient: list[float] = field(default_factory=lambda: [1.0], metadata=domain(ge=0))
+    # architecture setting -> values swept (a single value is a one-item sweep)
+    options: dict[str, list] = field(default_factory=dict, metadata={
+        "cli": False, "architecture_settings": True})  # CLI: one flag per setting
     tokens: int = field(default=500_000, metadata=domain(ge=1))
     batch_size: int = field(default=1024, metadata=domain(ge=1))
     lr: float = field(default=1e-3, metadata=domain(gt=0))
@@ -59,8 +61,6 @@ class TrainConfig:
     normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
     # a latent idle this many tokens counts as dead (AuxK, reports)
     dead_tokens: int = field(default=50_000, metadata=domain(ge=1))
-    # dead-latent aux loss (AuxK; jumprelu pre-act); 0: off
-    aux_coefficient: float = field(default=1 / 32, metadata=domain(ge=0))
     # the cache's last shards, this many tokens, kept for evaluation
     holdout_tokens: int = field(default=65_536, metadata=domain(ge=0))
     buffer_tokens: int = field(default=1 << 18, metadata=domain(ge=1))
@@ -74,11 +74,21 @@ class TrainConfig:
         check_fields(self)
         unknown = sorted(set(self.arch) - set(ARCHITECTURES))
         if unknown:
-            raise SAEConfigError(f"Unknown architecture(s) {unknown}; choose from "
+            raise SAEConfigError(f"--arch: unknown architecture(s) {unknown}; choose from "
                                  f"{sorted(ARCHITECTURES)}.")
         if self.tokens < self.batch_size:
             raise TrainingError(f"--tokens must be >= --batch-size; got --tokens {self.tokens}, "
                                 f"--batch-size {self.batch_size}.")
+        self.options = _sweep_lists(self.options, self.arch)
+        for arch in self.arch:
+            list(self.architecture_sweep(arch))  # each combination's settings are checked
+
+    def architecture_sweep(self, arch: str) -> Iterator[Any]:
+        """``arch``'s config dataclass for every combination of the swept values it takes."""
+        config_class = ARCHITECTURES[arch].config_class
+        names = [f.name for f in fields(config_class) if f.name in self.options]
+        for values in itertools.product(*(self.options[name] for name in names)):
+            yield config_class(**dict(zip(names, values)))
 
     @property
     def steps(self) -> int:
@@ -88,28 +98,66 @@ class TrainConfig:
         """Settings that must match to resume a run (what you may change: device, logging,
         and how the paths are spelled: the cache is compared by its resolved path, and the
         checkpoint is in ``out`` itself)."""
-        skip = {"device", "wandb", "log_every", "checkpoint_every", "out"}
+        skip = {"device", "wandb", "log_every", "checkpoint_every", "out", "options"}
         key = {k: v for k, v in asdict(self).items() if k not in skip}
         key["activations"] = str(Path(self.activations).resolve()) if self.activations else ""
+        key["sweep"] = {arch: {f.name: self.options.get(f.name, [f.default])
+                               for f in fields(ARCHITECTURES[arch].config_class)}
+                        for arch in self.arch}
         return key
 
 
+def train_config(**settings: Any) -> TrainConfig:
+    """A TrainConfig with the run's fields and architecture settings given alike by name:
+    ``train_config(activations="cache", out="saes", arch=["topk"], k=[16, 32], aux_k=[256])``."""
+    own = {f.name for f in fields(TrainConfig)}
+    options = {k: v for k, v in settings.items() if k not in own}
+    return TrainConfig(**{k: v for k, v in settings.items() if k in own},
+                       options={**settings.get("options", {}), **options})
+
+
+def _sweep_lists(options: Any, archs: list[str]) -> dict[str, list]:
+    """``options`` with every value a list, after checking each names a setting of one of
+    ``archs``."""
+    if not isinstance(options, dict):
+        raise ConfigError(f"TrainConfig.options maps architecture settings to the values to "
+                          f"sweep, e.g. {{'k': [16, 32]}}; got {options!r}.")
+    settings = architecture_settings()
+    for name in options:
+        owners = [arch for arch, _ in settings.get(name, [])]
+        if not set(owners) & set(archs):
+            where = f"a setting of {', '.join(owners)}" if owners else "no architecture's setting"
+            raise ConfigError(f"--{name.replace('_', '-')} is {where}, and this run trains "
+                              f"{', '.join(archs)}; add the architecture with --arch or drop "
+                              f"the flag.")
+    return {name: list(v) if isinstance(v, (list, tuple)) else [v] for name, v in options.items()}
+
+
 def sweep_configs(config: TrainConfig, d_in: int, metadata: SAEMetadata) -> dict[str, SAEConfig]:
-    """Name → SAEConfig for every SAE of the sweep."""
+    """Name → SAEConfig for every SAE of the sweep. A name shows the architecture, the width,
+    its ``sweep_field`` and every other setting swept over more than one value:
+    ``topk_w4096_k32``, ``topk_w4096_k32_aux_k256``."""
     configs = {}
     for arch, width in itertools.product(config.arch, config.latents):
-        if arch in ("topk", "batchtopk"):
-            options = [("k", k) for k in config.k]
-        else:
-            options = [(SWEEP_FIELDS[arch], v) for v in getattr(config, SWEEP_FIELDS[arch])]
-        for name, value in options:
-            label = f"{arch}_w{width}_{name.split('_')[0]}{value:g}"
+        sae_class = ARCHITECTURES[arch]
+        varied = [name for name in (f.name for f in fields(sae_class.config_class))
+                  if name != sae_class.sweep_field and len(config.options.get(name, [])) > 1]
+        for options in config.architecture_sweep(arch):
+            primary = sae_class.sweep_field
+            label = (f"{arch}_w{width}_{primary.split('_')[0]}"
+                     f"{_label_value(getattr(options, primary))}"
+                     + "".join(f"_{name}{_label_value(getattr(options, name))}"
+                               for name in varied))
             configs[label] = SAEConfig(
-                architecture=arch, d_in=d_in, d_sae=width, **{name: value},
+                architecture=arch, d_in=d_in, d_sae=width, options=options,
                 normalize_activations="expected_average_only_in" if config.normalize else "none",
-                dead_tokens_threshold=config.dead_tokens, aux_coefficient=config.aux_coefficient,
                 seed=config.seed, metadata=metadata)
     return configs
+
+
+def _label_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else str(value).lower()
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -196,16 +244,42 @@ def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     saved = dict(checkpoint["config"])
     saved.pop("out", None)  # checkpoints before the key compared resolved paths
+    _upgrade_legacy_sweep(saved)
     if saved.get("activations"):
         saved["activations"] = str(Path(saved["activations"]).resolve())
     if saved != config.resume_key():
-        differ = [f"{k}: checkpoint has {saved.get(k)!r}, asked {v!r}"
-                  for k, v in config.resume_key().items() if saved.get(k) != v]
+        differ = _differences(saved, config.resume_key())
         raise TrainingError(
             f"{path} was written by a run with other hyper-parameters ({'; '.join(differ)}). "
             "Run with the same settings to resume it, or pass another --out."
         )
     return checkpoint
+
+
+def _differences(saved: dict, asked: dict, prefix: str = "") -> list[str]:
+    """``"name: checkpoint has X, asked Y"`` for each differing entry (nested: ``topk.k``)."""
+    out = []
+    for name in dict.fromkeys([*asked, *saved]):
+        old, new = saved.get(name), asked.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _differences(old, new, f"{prefix}{name}.")
+        elif old != new:
+            out.append(f"{prefix}{name}: checkpoint has {old!r}, asked {new!r}")
+    return out
+
+
+def _upgrade_legacy_sweep(saved: dict) -> None:
+    """Checkpoints from before architecture settings moved into ``options`` kept k, the L1/L0
+    coefficients and the aux coefficient as fields: compare their sweep in today's form."""
+    legacy = {name: saved.pop(name) for name in ("k", "l1_coefficient", "l0_coefficient",
+                                                  "aux_coefficient") if name in saved}
+    if "sweep" in saved or not legacy:
+        return
+    archs = saved.get("arch", [])
+    owned = {name for name, owners in architecture_settings().items()
+             if {arch for arch, _ in owners} & set(archs)}
+    options = {name: value for name, value in legacy.items() if name in owned}
+    saved["sweep"] = TrainConfig(arch=archs, options=options).resume_key()["sweep"]
 
 
 def save_checkpoint(out: Path, config: TrainConfig, step: int, runs: list[Run]) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from saekit import ActivationCache
 from saekit import analyse as A
 from saekit import directions as D
-from saekit.sae import ReLUSAE, SAEConfig, SAEMetadata, TopKSAE
+from saekit.sae import ReLUSAE, sae_config, SAEMetadata, TopKSAE
 
 HOOK = "blocks.6.hook_resid_post"
 TEXT = "The Golden Gate Bridge is a suspension bridge spanning the Golden Gate strait."
@@ -21,7 +21,7 @@ TEXT = "The Golden Gate Bridge is a suspension bridge spanning the Golden Gate s
 
 def make_sae(cache: ActivationCache, hook: str = HOOK, d_sae: int = 512, k: int = 16) -> TopKSAE:
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig("topk", cache.d_model, d_sae, k=k,
+    sae = TopKSAE(sae_config("topk", cache.d_model, d_sae, k=k,
                             metadata=SAEMetadata(model_name="gemma-3-270m", hook_name=hook)))
     sae.init_from_data(cache.load_shard(0, hook).reshape(-1, cache.d_model))
     return sae
@@ -169,7 +169,7 @@ def test_search_prefers_rare_feature_over_dense_high_magnitude_one():
     is rare (1% of corpus tokens at ~1.25) and on throughout the text at 1.0; feature 2 never
     fires on the corpus (corpus max 0) and weakly on one text token. The old ``m * log(m / b)``
     ranks the dense feature first; the range-scaled score ranks the rare one first."""
-    sae = ReLUSAE(SAEConfig("relu", 3, 3))
+    sae = ReLUSAE(sae_config("relu", 3, 3))
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(3))
         sae.b_enc.zero_()
@@ -209,7 +209,7 @@ def test_bad_input_errors(sae, cache):
     other.cfg.metadata.hook_name = "blocks.5.hook_resid_post"
     with pytest.raises(A.HookMismatchError, match="blocks.5.hook_resid_post"):
         A.feature_statistics(other, cache)
-    narrow = TopKSAE(SAEConfig("topk", 320, 64, k=4, metadata=SAEMetadata(hook_name=HOOK)))
+    narrow = TopKSAE(sae_config("topk", 320, 64, k=4, metadata=SAEMetadata(hook_name=HOOK)))
     with pytest.raises(A.HookMismatchError, match="d_in = 320"):
         A.feature_statistics(narrow, cache)
     with pytest.raises(A.AnalysisInputError):

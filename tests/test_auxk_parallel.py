@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from saekit.sae import SAEConfig, TopKSAE
+from saekit.sae import sae_config, TopKSAE
 from saekit.sae.batchtopk import BatchTopKSAE
 from saekit.train import Distributed
 
@@ -27,7 +27,7 @@ def _sae(arch: str) -> TopKSAE:
     """An SAE whose latent 0 reads x[:, 0] and nothing else; latent 0 will be marked dead."""
     torch.manual_seed(0)
     cls = {"topk": TopKSAE, "batchtopk": BatchTopKSAE}[arch]
-    sae = cls(SAEConfig(architecture=arch, d_in=D_IN, d_sae=D_SAE, k=K))
+    sae = cls(sae_config(architecture=arch, d_in=D_IN, d_sae=D_SAE, k=K))
     with torch.no_grad():
         sae.b_dec.zero_()
         sae.W_enc[:, 0] = 0.0

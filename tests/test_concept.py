@@ -17,7 +17,7 @@ from saekit.concept_texts import (ConceptError, concept_texts, concept_token_ids
                                   find_mentions, keyword_list)
 from saekit.concept_run import ConceptConfig, check_search
 from saekit.corpus import load_corpus, pack_token_rows
-from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+from saekit.sae import sae_config, SAEMetadata, TopKSAE
 from saekit.specialize import (SpecializeConfig, most_changed_features, specialize_sae,
                                unfold_activation_scale)
 
@@ -42,7 +42,7 @@ def planted(model, rows, tmp_path_factory):
     concept = window_activations(model, HOOK, texts.windows)
     ordinary = window_activations(model, HOOK, [r[1:] for r in rows[:16]])
     direction = F.normalize(concept.mean(0) - ordinary.mean(0), dim=0)
-    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(
+    sae = TopKSAE(sae_config("topk", 640, 512, k=16, metadata=SAEMetadata(
         hook_name=HOOK, model_name="gemma-3-270m")))
     sae.init_from_data(ordinary)
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_config_checks_before_any_work():
 
 def test_unfolding_the_activation_scale_keeps_every_output():
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig("topk", 64, 256, k=8,
+    sae = TopKSAE(sae_config("topk", 64, 256, k=8,
                             normalize_activations="expected_average_only_in"))
     x = torch.randn(512, 64) * 300 + 40
     sae.init_from_data(x)
@@ -191,7 +191,7 @@ def test_specialising_learns_the_concept_and_keeps_ordinary_text(model, rows):
     concept = window_activations(model, HOOK, texts.windows)
     ordinary = window_activations(model, HOOK, [r[1:] for r in rows[100:140]])
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK),
+    sae = TopKSAE(sae_config("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK),
                             normalize_activations="expected_average_only_in"))
     sae.init_from_data(ordinary)
     sae.fold_activation_scale()

@@ -14,7 +14,7 @@ import torch
 from saekit import ActivationCache, CaptureConfig, capture_activations
 from saekit import analyse as A
 from saekit.dashboard import parse_features, write_dashboard
-from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+from saekit.sae import sae_config, SAEMetadata, TopKSAE
 
 HOOK = "blocks.3.hook_resid_post"
 SCRIPT = "<script>alert(1)</script>"
@@ -90,7 +90,7 @@ def dashboard(model, tmp_path_factory):
                            batch_rows=4, shard_rows=8)
     cache = ActivationCache.open(capture_activations(config, folder / "acts", model=model))
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig("topk", cache.d_model, 128, k=8,
+    sae = TopKSAE(sae_config("topk", cache.d_model, 128, k=8,
                             metadata=SAEMetadata(model_name="gemma-3-270m", hook_name=HOOK)))
     sae.init_from_data(cache.load_shard(0).reshape(-1, cache.d_model))
     # the features whose top example shows the malicious strings, plus a few others

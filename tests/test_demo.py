@@ -54,7 +54,7 @@ def test_shipped_sae_is_what_retrain_trains():
     assert "--retrain" in RETRAIN_COMMAND and "--tokens 1200000" in RETRAIN_COMMAND
     sae = load_sae(SHIPPED_SAE)
     config = DemoConfig()
-    assert (sae.cfg.architecture, sae.d_sae, sae.cfg.k) == ("topk", config.latents, config.k)
+    assert (sae.cfg.architecture, sae.d_sae, sae.cfg.options.k) == ("topk", config.latents, config.k)
     assert sae.cfg.metadata.hook_name == "blocks.6.hook_resid_post"
     assert sae.cfg.metadata.model_name == "gemma-3-270m"
     assert sae.W_dec.dtype.is_floating_point and str(sae.W_dec.dtype) == "torch.float32"

@@ -11,14 +11,14 @@ import torch
 
 from saekit.evaluate import (EvaluationError, ce_loss_recovered, density_histogram,
                              downstream_metrics, reconstruction_metrics, register_cli)
-from saekit.sae import ReLUSAE, SAEConfig, SAEMetadata, TopKSAE
+from saekit.sae import ReLUSAE, sae_config, SAEMetadata, TopKSAE
 
 HOOK = "blocks.6.hook_resid_post"
 
 
 def hand_set_relu_sae() -> ReLUSAE:
     """d_in 2, d_sae 3: latents 0 and 1 copy ReLU(x_0), ReLU(x_1); latent 2 never fires."""
-    sae = ReLUSAE(SAEConfig("relu", 2, 3))
+    sae = ReLUSAE(sae_config("relu", 2, 3))
     with torch.no_grad():
         sae.W_enc.copy_(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
         sae.W_dec.copy_(torch.tensor([[1.0, 0], [0, 1.0], [5.0, 5.0]]))
@@ -64,7 +64,7 @@ def test_density_histogram_writes_png(tmp_path):
 
 
 def splice_sae(d_sae: int = 512) -> TopKSAE:
-    return TopKSAE(SAEConfig("topk", 640, d_sae, k=16, metadata=SAEMetadata(
+    return TopKSAE(sae_config("topk", 640, d_sae, k=16, metadata=SAEMetadata(
         model_name="gemma-3-270m", hook_name=HOOK)))
 
 
@@ -109,7 +109,7 @@ def test_downstream_metrics_zero_reconstruction(model, rows):
 
 
 def test_downstream_metrics_bad_input():
-    sae = ReLUSAE(SAEConfig("relu", 640, 8))  # no hook in its metadata
+    sae = ReLUSAE(sae_config("relu", 640, 8))  # no hook in its metadata
     with pytest.raises(EvaluationError, match="hook"):
         downstream_metrics(None, sae, torch.zeros(2, 8, dtype=torch.long))
     with pytest.raises(EvaluationError, match="rows"):

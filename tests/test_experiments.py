@@ -46,11 +46,11 @@ def tiny_cache(model, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_sae(tiny_cache, tmp_path_factory) -> Path:
     """A TopK SAE (128 latents, k 8) trained on the tiny cache."""
-    from saekit.train import TrainConfig, train
+    from saekit.train import train, train_config
 
     out = tmp_path_factory.mktemp("tiny_sae")
     with one_thread():
-        saved = train(TrainConfig(activations=str(tiny_cache), out=str(out), latents=[128],
+        saved = train(train_config(activations=str(tiny_cache), out=str(out), latents=[128],
                                   k=[8], tokens=4096, batch_size=64, holdout_tokens=1024))
     return saved["topk_w128_k8"]
 
@@ -152,10 +152,10 @@ def test_neighbour_label_agreement_against_planted_groups():
     """Decoder rows in 4 tight clusters labelled by cluster: neighbours always agree, random
     features about a quarter of the time."""
     from saekit.directions import neighbour_label_agreement
-    from saekit.sae import SAEConfig, TopKSAE
+    from saekit.sae import sae_config, TopKSAE
 
     torch.manual_seed(0)
-    sae = TopKSAE(SAEConfig("topk", 32, 400, k=4))
+    sae = TopKSAE(sae_config("topk", 32, 400, k=4))
     centres = torch.randn(4, 32)
     labels = torch.arange(400) % 4
     with torch.no_grad():

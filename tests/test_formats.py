@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from saekit.errors import SaekitError
 from saekit.formats import ForeignSAEError, detect_layout, load_foreign_sae
-from saekit.sae import JumpReLUSAE, SAEConfig, SAEMetadata, TopKSAE, load_sae
+from saekit.sae import JumpReLUSAE, sae_config, SAEMetadata, TopKSAE, load_sae
 
 D_IN, D_SAE = 16, 64
 
@@ -114,7 +114,7 @@ def write_sparsify(folder, weights, **config):
 def test_sparsify_folder(tmp_path):
     w = sparsify_weights()
     sae = load_foreign_sae(write_sparsify(tmp_path / "layers.6", w))
-    assert isinstance(sae, TopKSAE) and sae.cfg.k == 8 and sae.cfg.apply_b_dec_to_input
+    assert isinstance(sae, TopKSAE) and sae.cfg.options.k == 8 and sae.cfg.apply_b_dec_to_input
     assert sae.cfg.metadata.hook_name == "blocks.6.hook_resid_post"
     # sparsify: top-k of ReLU((x - b_dec) W_enc^T + b_enc), decoded through W_dec plus b_dec
     x = inputs()
@@ -129,7 +129,7 @@ def test_sparsify_folder(tmp_path):
 
 
 def test_saelens_folder_routes_to_load_sae(tmp_path):
-    sae = TopKSAE(SAEConfig("topk", D_IN, D_SAE, k=4, metadata=SAEMetadata(model_name="m")))
+    sae = TopKSAE(sae_config("topk", D_IN, D_SAE, k=4, metadata=SAEMetadata(model_name="m")))
     sae.save(tmp_path / "sae")
     loaded = load_foreign_sae(tmp_path / "sae", hook_name="blocks.1.hook_resid_post")
     reference = load_sae(tmp_path / "sae")

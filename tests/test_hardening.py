@@ -14,7 +14,7 @@ from saekit import cli
 from saekit.capture import CaptureConfig, capture_activations
 from saekit.config import flag_name
 from saekit.errors import ConfigError, SaekitError
-from saekit.sae import SAEConfig, SAEMetadata, TopKSAE, load_sae
+from saekit.sae import ARCHITECTURES, SAEMetadata, TopKSAE, load_sae, sae_config
 from saekit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME
 from saekit.train import TrainConfig, truncate_metrics
 
@@ -41,7 +41,7 @@ def test_cli_reports_saekit_and_os_errors_and_lets_bugs_through(monkeypatch, cap
 
 @pytest.fixture
 def saved(tmp_path):
-    sae = TopKSAE(SAEConfig("topk", 16, 32, k=4, metadata=SAEMetadata(
+    sae = TopKSAE(sae_config("topk", 16, 32, k=4, metadata=SAEMetadata(
         model_name="gemma-3-270m", hook_name="blocks.6.hook_resid_post")))
     return sae.save(tmp_path / "sae")
 
@@ -84,7 +84,8 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-CONFIGS = [CaptureConfig, TrainConfig]
+CONFIGS = [CaptureConfig, TrainConfig, *(sae_class.config_class for sae_class in
+                                         ARCHITECTURES.values())]
 HOSTILE = [0, -1, 1.5, float("nan"), float("inf"), float("-inf"), 10 ** 30, "x", None, True]
 
 
@@ -94,6 +95,8 @@ def test_every_config_field_rejects_hostile_values_cleanly(config_class):
     domain) or ConfigError names the flag; never another exception, never NaN/inf accepted."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
+        if not f.metadata.get("cli", True):  # TrainConfig.options: the architecture configs'
+            continue
         for value in HOSTILE:
             given = [value] if typing.get_origin(hints[f.name]) is list else value
             try:

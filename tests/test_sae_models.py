@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from saekit.errors import SAEConfigError, SAEInputError, SaekitError
 from saekit.sae import (ARCHITECTURES, SAE, BatchTopKSAE, JumpReLUSAE, ReLUSAE, SAEConfig,
-                        TopKSAE, load_sae)
+                        TopKSAE, load_sae, sae_config)
 from saekit.sae.kernels import (encoder_preacts, gather_preacts, masked_row_topk, row_topk,
                                 sparse_decode)
 
@@ -20,8 +20,9 @@ SAELENS_NAME = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "ju
 
 
 def make_config(arch: str, d_in: int = 64, d_sae: int = 256, k: int = 4, **kwargs) -> SAEConfig:
-    return SAEConfig(architecture=arch, d_in=d_in, d_sae=d_sae,
-                     k=k if arch in ("topk", "batchtopk") else None, **kwargs)
+    if arch in ("topk", "batchtopk"):
+        kwargs["k"] = k
+    return sae_config(architecture=arch, d_in=d_in, d_sae=d_sae, **kwargs)
 
 
 def sparse_dictionary_data(n: int, d_in: int = 64, n_features: int = 128, per_sample: float = 4.0,
@@ -84,7 +85,7 @@ def _sparse_and_dense_grads(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor):
     params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
     sparse = torch.autograd.grad(sae.training_forward(x, dead).losses["loss"], params)
     # dense reference of the same loss, through plain autograd
-    k, aux_k = sae.cfg.k, sae.aux_k
+    k, aux_k = sae.cfg.options.k, sae.aux_k
     pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
     values, indices = pre.topk(k, dim=-1)
     acts = torch.zeros_like(pre).scatter(-1, indices, values.relu())
@@ -94,7 +95,7 @@ def _sparse_and_dense_grads(sae: TopKSAE, x: torch.Tensor, dead: torch.Tensor):
     aux_values, aux_indices = pre.masked_fill(~dead, float("-inf")).topk(aux_k, dim=-1)
     aux_acts = torch.zeros_like(pre).scatter(-1, aux_indices, aux_values.relu())
     auxk = (error - aux_acts @ sae.W_dec).pow(2).sum() / (error - error.mean(0)).pow(2).sum()
-    dense = torch.autograd.grad(fvu + sae.cfg.aux_coefficient * auxk, params)
+    dense = torch.autograd.grad(fvu + sae.cfg.options.aux_coefficient * auxk, params)
     return sparse, dense
 
 
@@ -259,7 +260,7 @@ def test_warmup_and_unit_norm_hooks():
     start = relu.training_forward(x, progress=0.0).losses
     assert torch.allclose(start["loss"], start["mse"])
     halfway = relu.training_forward(x, progress=0.05).losses
-    expected = halfway["mse"] + 0.5 * relu.cfg.l1_coefficient * halfway["l1"]
+    expected = halfway["mse"] + 0.5 * relu.cfg.options.l1_coefficient * halfway["l1"]
     assert torch.allclose(halfway["loss"], expected)
 
     sae = JumpReLUSAE(make_config("jumprelu", d_in=16, d_sae=48))
@@ -318,7 +319,7 @@ def test_k_must_be_below_d_sae():
             ARCHITECTURES[arch](make_config(arch, d_in=16, d_sae=48, k=48))
         assert isinstance(info.value, ValueError) and isinstance(info.value, SaekitError)
     with pytest.raises(SAEConfigError, match="needs an integer k"):
-        TopKSAE(SAEConfig(architecture="topk", d_in=16, d_sae=48))
+        TopKSAE(sae_config(architecture="topk", d_in=16, d_sae=48, k=None))
     with pytest.raises(SAEConfigError, match="normalize_activations"):
         make_config("relu", normalize_activations="layer_norm")
 
@@ -361,7 +362,7 @@ def test_parameter_groups_cover_every_parameter_once(arch):
     assert sorted(grouped) == sorted(id(p) for p in sae.parameters())
     scales = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     if arch == "jumprelu":
-        assert scales[id(sae.log_threshold)] == sae.cfg.jumprelu_threshold_lr_scale > 1
+        assert scales[id(sae.log_threshold)] == sae.cfg.options.jumprelu_threshold_lr_scale > 1
         assert scales[id(sae.W_enc)] == 1.0
     else:
         assert set(scales.values()) == {1.0}

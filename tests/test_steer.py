@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from saekit import HookNameError
-from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+from saekit.sae import sae_config, SAEMetadata, TopKSAE
 from saekit.directions import mean_difference_direction
 from saekit.generation import generate, register_cli, sample_tokens
 from saekit.steer import Intervention, PositionTracker, SteeringError, SteeringVector, steer
@@ -24,7 +24,7 @@ def sae(model):
     """A small TopK SAE (tied, unit-norm decoder rows) with b_dec fitted to real activations."""
     text = "The Golden Gate Bridge spans the strait. Paris is the capital of France, I think."
     _, cache = model.run_with_cache(model.to_tokens(text), names_filter=HOOK)
-    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK)))
+    sae = TopKSAE(sae_config("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK)))
     sae.init_from_data(cache[HOOK][0, 1:])
     return sae.requires_grad_(False)
 
@@ -88,7 +88,7 @@ def test_ablation_zeroes_the_feature(model, sae, tokens, clean):
 
 
 def test_add_applies_after_clamp():
-    sae = TopKSAE(SAEConfig("topk", 8, 16, k=2))
+    sae = TopKSAE(sae_config("topk", 8, 16, k=2))
     acts = torch.zeros(3, 16)
     edited = Intervention(sae, clamp={1: 5.0, 2: 1.0}, add={1: 2.0}, ablate=[4]).edit(acts + 1)
     assert edited[0, 1] == 7.0 and edited[0, 2] == 1.0 and edited[0, 4] == 0.0
@@ -232,7 +232,7 @@ def test_bad_input_gets_clear_errors(model, sae):
         steer(model, sae, positions="prompt").__enter__()
     with pytest.raises(SteeringError, match="one bare SAE"):
         steer(model, clamp={1: 1.0}).__enter__()
-    narrow = TopKSAE(SAEConfig("topk", 64, 128, k=4, metadata=SAEMetadata(hook_name=HOOK)))
+    narrow = TopKSAE(sae_config("topk", 64, 128, k=4, metadata=SAEMetadata(hook_name=HOOK)))
     with pytest.raises(SteeringError, match="d_in = 64"):
         steer(model, narrow, clamp={1: 1.0}).__enter__()
     with pytest.raises(SteeringError, match="need an sae"):

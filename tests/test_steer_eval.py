@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from saekit.sae import SAEConfig, SAEMetadata, TopKSAE
+from saekit.sae import sae_config, SAEMetadata, TopKSAE
 from saekit.steer import Intervention, SteeringError, SteeringVector
 from saekit.steer_eval import (RESULT_JSON, RESULT_PNG, keyword_pattern, mention_rate,
                                read_prompts, register_cli, steering_curve, steering_sweep)
@@ -24,7 +24,7 @@ def sae(model):
     """A small TopK SAE with b_dec fitted to real activations."""
     _, cache = model.run_with_cache(model.to_tokens("The bridge spans the bay at dusk, I think."),
                                     names_filter=HOOK)
-    sae = TopKSAE(SAEConfig("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK)))
+    sae = TopKSAE(sae_config("topk", 640, 512, k=16, metadata=SAEMetadata(hook_name=HOOK)))
     sae.init_from_data(cache[HOOK][0, 1:])
     return sae.requires_grad_(False)
 

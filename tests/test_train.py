@@ -19,7 +19,7 @@ from saekit import CaptureConfig, capture_activations
 from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.files import sha256_file
 from saekit.sae import load_sae
-from saekit.train import TrainConfig, train
+from saekit.train import train, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -45,7 +45,7 @@ def _train_args(cache: Path, out: Path, tokens: int, arch: str = "topk",
 
 
 def test_sweep_trains_and_saves_every_sae(train_cache, tmp_path):
-    config = TrainConfig(activations=str(train_cache), out=str(tmp_path / "sweep"),
+    config = train_config(activations=str(train_cache), out=str(tmp_path / "sweep"),
                          arch=["topk", "relu"], latents=[256], k=[8, 16], l1_coefficient=[2.0],
                          tokens=64 * 60, batch_size=64, log_every=10, holdout_tokens=2048)
     saved = train(config)
@@ -118,11 +118,11 @@ def test_torchrun_two_processes_match_one(train_cache, tmp_path):
 
 def test_resume_with_other_hyper_parameters(train_cache, tmp_path):
     out = tmp_path / "run"
-    train(TrainConfig(activations=str(train_cache), out=str(out), latents=[256], k=[8],
+    train(train_config(activations=str(train_cache), out=str(out), latents=[256], k=[8],
                       tokens=64 * 10, batch_size=64, checkpoint_every=5,
                       holdout_tokens=2048))
     with pytest.raises(TrainingError, match="k: checkpoint has \\[8\\], asked \\[16\\]"):
-        train(TrainConfig(activations=str(train_cache), out=str(out), latents=[256], k=[16],
+        train(train_config(activations=str(train_cache), out=str(out), latents=[256], k=[16],
                           tokens=64 * 10, batch_size=64, holdout_tokens=2048))
 
 
@@ -130,7 +130,7 @@ def test_k_not_below_latents():
     with pytest.raises(SAEConfigError, match="k"):
         from saekit.train import sweep_configs
         from saekit.sae import ARCHITECTURES, SAEMetadata
-        config = TrainConfig(latents=[64], k=[64])
+        config = train_config(latents=[64], k=[64])
         for cfg in sweep_configs(config, 640, SAEMetadata()).values():
             ARCHITECTURES[cfg.architecture](cfg)
 
@@ -146,14 +146,14 @@ def test_nan_in_activations_names_step_and_shard(train_cache, tmp_path):
     manifest["shards"][2].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
     (cache / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(NonFiniteActivationsError, match=r"At step \d+: Shard .*shard_00002"):
-        train(TrainConfig(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
+        train(train_config(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
                           k=[8], tokens=64 * 200, batch_size=64, buffer_tokens=64 * 32,
                           holdout_tokens=2048))
 
 
 def test_cache_smaller_than_one_batch(train_cache, tmp_path):
     with pytest.raises(TrainingError, match="fewer than one batch of 16384"):
-        train(TrainConfig(activations=str(train_cache), out=str(tmp_path / "run"),
+        train(train_config(activations=str(train_cache), out=str(tmp_path / "run"),
                           tokens=16384 * 2, batch_size=16384))
 
 
@@ -164,7 +164,7 @@ def test_single_shard_cache_cannot_hold_out(train_cache, tmp_path, capsys):
     manifest["shards"] = manifest["shards"][:1]
     manifest["n_rows"] = manifest["shards"][0]["rows"][1]
     (cache / "manifest.json").write_text(json.dumps(manifest))
-    config = TrainConfig(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
+    config = train_config(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
                          k=[8], tokens=256, batch_size=64, holdout_tokens=1024)
     with pytest.raises(TrainingError, match="1 shard, so none can be held out.*--holdout-tokens 0"):
         train(config)
@@ -186,3 +186,55 @@ def test_cli_reports_training_errors(tmp_path, capsys):
 
     assert main(["train", "--activations", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not an activation cache" in capsys.readouterr().err
+
+
+def test_every_architecture_setting_is_a_flag_and_reaches_the_saved_sae(train_cache, tmp_path):
+    """Each architecture's own settings are `saekit train` flags; a sweep over a setting that
+    is not the architecture's sweep field trains one SAE per value and names it."""
+    from saekit.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "--activations", str(train_cache), "--out", str(out),
+            "--arch", "topk,jumprelu,relu", "--latents", "128", "--tokens", "640",
+            "--batch-size", "64", "--holdout-tokens", "0", "--k", "8", "--aux-k", "16,32",
+            "--aux-coefficient", "0.05", "--jumprelu-bandwidth", "0.1", "--jumprelu-init-l0",
+            "20", "--l0-warmup-fraction", "0.5", "--jumprelu-threshold-lr-scale", "10",
+            "--jumprelu-init-threshold", "0.02", "--l1-warmup-fraction", "0.3",
+            "--decoder-init-norm", "0.2"]
+    assert main(argv) == 0
+    names = sorted(p.name for p in out.iterdir() if (p / "cfg.json").exists())
+    assert names == ["jumprelu_w128_l01", "relu_w128_l15", "topk_w128_k8_aux_k16",
+                     "topk_w128_k8_aux_k32"]
+    jump = load_sae(out / "jumprelu_w128_l01").cfg.options
+    assert (jump.jumprelu_bandwidth, jump.jumprelu_init_l0, jump.l0_warmup_fraction,
+            jump.jumprelu_threshold_lr_scale, jump.jumprelu_init_threshold,
+            jump.aux_coefficient) == (0.1, 20, 0.5, 10.0, 0.02, 0.05)
+    relu = load_sae(out / "relu_w128_l15").cfg.options
+    assert (relu.l1_warmup_fraction, relu.decoder_init_norm) == (0.3, 0.2)
+    for aux_k in (16, 32):
+        topk = load_sae(out / f"topk_w128_k8_aux_k{aux_k}").cfg.options
+        assert (topk.k, topk.aux_k, topk.aux_coefficient) == (8, aux_k, 0.05)
+
+
+def test_a_setting_of_an_architecture_not_trained_is_refused(tmp_path, capsys):
+    from saekit.cli import main
+
+    argv = ["train", "--activations", str(tmp_path), "--out", str(tmp_path / "o"),
+            "--arch", "relu", "--k", "8"]
+    assert main(argv) == 2
+    assert "--k is a setting of batchtopk, topk, and this run trains relu" in \
+        capsys.readouterr().err
+    with pytest.raises(SAEConfigError, match="--jumprelu-bandwidth must be > 0"):
+        train_config(arch=["jumprelu"], jumprelu_bandwidth=[0.0])
+
+
+def test_checkpoints_from_before_architecture_options_still_resume():
+    """A checkpoint key that held k and the coefficients as fields compares equal to today's."""
+    from saekit.train import _upgrade_legacy_sweep
+
+    today = train_config(activations="a", arch=["topk", "relu"], k=[8],
+                         l1_coefficient=[2.0]).resume_key()
+    legacy = {k: v for k, v in today.items() if k != "sweep"} | {
+        "k": [8], "l1_coefficient": [2.0], "l0_coefficient": [1.0], "aux_coefficient": 1 / 32}
+    _upgrade_legacy_sweep(legacy)
+    assert legacy == today

@@ -1,14 +1,23 @@
-"""Sparse autoencoders: one class per architecture behind the ``SAE`` interface.
+"""Sparse autoencoders: one file per architecture, each an ``SAE`` subclass with its own
+settings dataclass, registered by name in ``ARCHITECTURES`` when its module is imported.
 
-``ARCHITECTURES`` maps ``SAEConfig.architecture`` to its class; ``load_sae`` reads a folder in
-SAELens's layout (cfg.json + sae_weights.safetensors) back as the right class.
+``load_sae`` reads a folder in SAELens's layout (cfg.json + sae_weights.safetensors) back as the
+right class; ``sae_config("topk", d_in, d_sae, k=32)`` builds a config.
+
+Adding an architecture: a file here with its config dataclass (fields made with
+``saekit.config.setting``) and an ``SAE`` subclass setting ``architecture``, ``config_class``,
+``sweep_field`` and ``saelens_architecture`` and implementing ``_encode`` and
+``_training_step``; import it below. ``saekit train --arch NAME`` and its flags follow.
 """
 
-from saekit.sae.base import ARCHITECTURES, SAE, SAEConfig, SAEMetadata, TrainStep, load_sae
-from saekit.sae.batchtopk import BatchTopKSAE
-from saekit.sae.jumprelu import JumpReLUSAE
-from saekit.sae.relu import ReLUSAE
-from saekit.sae.topk import TopKSAE
+from saekit.sae.base import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, TrainStep,
+                             architecture_options, architecture_settings, load_sae, sae_config)
+from saekit.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
+from saekit.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saekit.sae.relu import ReLUConfig, ReLUSAE
+from saekit.sae.topk import TopKConfig, TopKSAE
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetadata", "TrainStep", "load_sae",
-           "ReLUSAE", "TopKSAE", "BatchTopKSAE", "JumpReLUSAE"]
+           "sae_config", "architecture_options", "architecture_settings",
+           "ReLUSAE", "ReLUConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
+           "JumpReLUSAE", "JumpReLUConfig"]

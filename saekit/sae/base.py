@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -68,16 +68,19 @@ class SAEMetadata:
 
 @dataclass
 class SAEConfig:
-    """Shape, architecture and training hyper-parameters of an SAE.
+    """Shape and architecture of an SAE: the fields every architecture shares, and
+    ``options``, the architecture's own settings (its config dataclass, e.g. ``TopKConfig``).
 
     Field names follow SAELens where it has them; the rest are saekit's. Coefficients,
     thresholds and bandwidths are in normalised units (see the module docstring).
+    ``sae_config("topk", 640, 16384, k=32)`` builds one with the settings given by name.
     """
 
     architecture: str  # one of ARCHITECTURES: "relu", "topk", "batchtopk", "jumprelu"
     d_in: int
     d_sae: int
-    k: int | None = None  # topk / batchtopk: active latents per sample (batchtopk: on average)
+    # the architecture's config dataclass; None: its defaults; a dict: its fields by name
+    options: Any = None
     dtype: str = "float32"
     apply_b_dec_to_input: bool | None = None  # None: the architecture's default
     normalize_activations: str = "none"  # or "expected_average_only_in"
@@ -86,19 +89,6 @@ class SAEConfig:
     # saekit's own fields (cfg.json key "saekit")
     activation_scale: float = 1.0
     seed: int = 0
-    decoder_init_norm: float = 0.1  # relu: norm of the initial decoder rows
-    l1_coefficient: float = 5.0  # relu
-    l1_warmup_fraction: float = 0.05
-    l0_coefficient: float = 1.0  # jumprelu
-    l0_warmup_fraction: float = 0.05
-    jumprelu_bandwidth: float = 0.05  # jumprelu: width of the rectangle kernel
-    jumprelu_init_threshold: float = 0.01
-    jumprelu_init_l0: int | None = 64  # jumprelu: thresholds set from data to start at this L0
-    jumprelu_threshold_lr_scale: float = 30.0  # jumprelu: LR multiplier of the log-thresholds
-    aux_k: int | None = None  # topk / batchtopk AuxK latents; None: d_in // 2
-    aux_coefficient: float = 1 / 32
-    dead_tokens_threshold: int = 10_000_000  # for the trainer: a latent idle this long is dead
-    threshold_ema_rate: float = 0.01  # batchtopk: running estimate of the inference threshold
 
     def __post_init__(self) -> None:
         if isinstance(self.metadata, dict):
@@ -106,6 +96,7 @@ class SAEConfig:
         if self.architecture not in ARCHITECTURES:
             raise SAEConfigError(f"architecture must be one of {sorted(ARCHITECTURES)}, "
                                  f"got {self.architecture!r}.")
+        self.options = architecture_options(self.architecture, self.options)
         for name in ("d_in", "d_sae"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -123,10 +114,11 @@ class SAEConfig:
 
     def to_saelens_dict(self, saelens_architecture: str, device: str) -> dict[str, Any]:
         """cfg.json's content: SAELens's fields at the top, saekit's under ``"saekit"``."""
-        own = {f.name: getattr(self, f.name) for f in fields(self)
-               if f.name not in (*SAELENS_FIELDS, "architecture", "metadata")}
-        top = {name: getattr(self, name) for name in SAELENS_FIELDS
-               if getattr(self, name) is not None}
+        options = asdict(self.options)
+        values = {**options, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        top = {name: values[name] for name in SAELENS_FIELDS if values.get(name) is not None}
+        own = {name: value for name, value in values.items()
+               if name not in (*SAELENS_FIELDS, "architecture", "metadata", "options")}
         return {"architecture": saelens_architecture, **top, "device": device,
                 **ARCHITECTURES[self.architecture].saelens_extra_fields,
                 "metadata": self.metadata.to_dict(),
@@ -149,11 +141,51 @@ class SAEConfig:
         top["dtype"] = str(top.get("dtype", "float32")).removeprefix("torch.")
         if "saekit" not in data:  # SAELens's own default, not the architecture's
             top.setdefault("apply_b_dec_to_input", True)
-        if architecture not in ("topk", "batchtopk"):
-            top.pop("k", None)
-        known = {f.name for f in fields(cls)}
-        return cls(architecture=architecture, metadata=SAEMetadata.from_dict(metadata), **top,
-                   **{k: v for k, v in own.items() if k in known})
+        values = {**own, **top}
+        option_names = {f.name for f in fields(ARCHITECTURES[architecture].config_class)}
+        common = {f.name for f in fields(cls)} - {"architecture", "metadata", "options"}
+        # files by older saekit versions hold every architecture's settings: keep this one's
+        return cls(architecture=architecture, metadata=SAEMetadata.from_dict(metadata),
+                   options={k: v for k, v in values.items() if k in option_names},
+                   **{k: v for k, v in values.items() if k in common})
+
+
+def architecture_options(architecture: str, options: Any = None) -> Any:
+    """``options`` as ``architecture``'s config dataclass: None gives its defaults, a dict its
+    fields by name (``SAEConfigError`` naming any field it does not have)."""
+    config_class = ARCHITECTURES[architecture].config_class
+    if options is None:
+        return config_class()
+    if isinstance(options, config_class):
+        return options
+    if not isinstance(options, dict):
+        raise SAEConfigError(f"options of a {architecture} SAE must be a "
+                             f"{config_class.__name__} or a dict, got {options!r}.")
+    known = [f.name for f in fields(config_class)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SAEConfigError(f"{architecture} SAEs have no setting {', '.join(unknown)}; their "
+                             f"settings are {', '.join(known)}.")
+    return config_class(**options)
+
+
+def sae_config(architecture: str, d_in: int, d_sae: int, **settings: Any) -> SAEConfig:
+    """An SAEConfig with shared fields and the architecture's own settings given alike by name:
+    ``sae_config("topk", 640, 16384, k=32, dtype="bfloat16")``."""
+    shared = {f.name for f in fields(SAEConfig)}
+    options = {k: v for k, v in settings.items() if k not in shared}
+    return SAEConfig(architecture, d_in, d_sae, options=options,
+                     **{k: v for k, v in settings.items() if k in shared})
+
+
+def architecture_settings() -> dict[str, list[tuple[str, Any]]]:
+    """Setting name → ``[(architecture, its dataclass field), ...]`` over every registered
+    architecture (a name several architectures share, such as ``aux_coefficient``, lists each)."""
+    out: dict[str, list[tuple[str, Any]]] = {}
+    for name, sae_class in sorted(ARCHITECTURES.items()):
+        for f in fields(sae_class.config_class):
+            out.setdefault(f.name, []).append((name, f))
+    return out
 
 
 SAELENS_NAMES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
@@ -180,6 +212,8 @@ class SAE(nn.Module):
     """
 
     architecture: ClassVar[str]
+    config_class: ClassVar[type]  # the architecture's settings, a dataclass (SAEConfig.options)
+    sweep_field: ClassVar[str]  # the setting a sweep's folder names always show (e.g. k)
     saelens_architecture: ClassVar[str]
     unit_norm_decoder: ClassVar[bool] = False  # keep decoder rows at unit norm while training
     default_apply_b_dec_to_input: ClassVar[bool] = True
@@ -227,16 +261,19 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Tied init: decoder rows in random directions (unit norm, or ``decoder_init_norm`` where
-        rows are free), W_enc = W_dec^T, zero biases."""
+        """Tied init: decoder rows in random directions of norm ``initial_decoder_norm()``,
+        W_enc = W_dec^T, zero biases."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
         directions = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float64)
-        norm = 1.0 if self.unit_norm_decoder else self.cfg.decoder_init_norm
-        directions *= norm / directions.norm(dim=1, keepdim=True)
+        directions *= self.initial_decoder_norm() / directions.norm(dim=1, keepdim=True)
         self.W_dec.copy_(directions)
         self.W_enc.copy_(directions.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    def initial_decoder_norm(self) -> float:
+        """The norm of the decoder rows at initialisation."""
+        return 1.0
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Optimiser parameter groups; each ``lr_scale`` multiplies the trainer's learning rate."""

@@ -12,19 +12,30 @@ a JumpReLU SAE whose ``threshold`` is theta for every latent, which is how SAELe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from saekit.sae.kernels import BatchSum, batch_topk, global_nth_largest, jump_relu
-from saekit.sae.topk import TopKSAE
+from saekit.config import setting
+from saekit.sae.topk import TopKConfig, TopKSAE
+
+
+@dataclass
+class BatchTopKConfig(TopKConfig):
+    """Settings of a BatchTopK SAE: TopK's, and how fast the inference threshold follows."""
+
+    threshold_ema_rate: float = setting(0.01, "rate of the running average that sets the "
+                                        "inference threshold", gt=0, le=1)
 
 
 class BatchTopKSAE(TopKSAE):
     """TopK over the whole batch while training; a learnt global threshold at inference."""
 
     architecture = "batchtopk"
+    config_class = BatchTopKConfig
     saelens_architecture = "jumprelu"
     saelens_extra_fields = {}
 
@@ -37,7 +48,7 @@ class BatchTopKSAE(TopKSAE):
         return jump_relu(self._centred(x) @ self.W_enc + self.b_enc, self.threshold)
 
     def _select(self, pre: Tensor, batch_sum: BatchSum) -> tuple[Tensor, Tensor]:
-        return batch_topk(pre, self.cfg.k, batch_sum)
+        return batch_topk(pre, self.cfg.options.k, batch_sum)
 
     @torch.no_grad()
     def _observe(self, vals: Tensor, batch_sum: BatchSum) -> None:
@@ -46,7 +57,7 @@ class BatchTopKSAE(TopKSAE):
         if kept == 0:
             return
         smallest = global_nth_largest(vals, kept, batch_sum).to(self.threshold.dtype)
-        rate = self.cfg.threshold_ema_rate
+        rate = self.cfg.options.threshold_ema_rate
         # the first batch sets theta outright; afterwards it is a running average
         self.threshold.copy_(torch.where(self.threshold > 0,
                                          (1 - rate) * self.threshold + rate * smallest, smallest))

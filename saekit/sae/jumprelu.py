@@ -9,7 +9,7 @@ straight-through pseudo-derivatives through a rectangle kernel K of bandwidth ep
 d JumpReLU / d theta = -(theta / eps) K((z - theta) / eps) and d H / d theta = -(1 / eps) K(...),
 while z gets the ordinary gradient of JumpReLU (``H(z - theta)``) and none from the L0 term.
 
-Dead latents (``dead_mask`` from the trainer: idle for ``dead_tokens_threshold`` tokens) get
+Dead latents (``dead_mask`` from the trainer: idle for its ``dead_tokens`` tokens) get
 no gradient from either term, so nothing revives them. With ``aux_coefficient`` > 0 an
 auxiliary pre-activation loss does, in the spirit of Anthropic's January 2025 pre-act loss but
 only on dead latents (as AuxK is): ``aux = E mean_{dead i} relu(theta_i - z_i)``, which raises
@@ -28,13 +28,15 @@ data of the tests, L0 stayed near 150 of 256 latents.) Unit-norm decoder rows ke
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from saekit.config import check_fields, setting
 from saekit.errors import SAEConfigError
-from saekit.sae.base import SAE, SAEConfig, TrainStep
+from saekit.sae.base import SAE, TrainStep
 from saekit.sae.kernels import BatchSum, batch_mean, jump_relu, reconstruction_losses, warmup
 
 
@@ -74,18 +76,37 @@ class _Step(torch.autograd.Function):
         return None, grad_threshold, None
 
 
+@dataclass
+class JumpReLUConfig:
+    """Settings of a JumpReLU SAE (normalised units; see the module docstring)."""
+
+    l0_coefficient: float = setting(1.0, "weight of the L0 sparsity penalty", ge=0)
+    l0_warmup_fraction: float = setting(0.05, "fraction of training over which the L0 weight "
+                                        "ramps up from 0", ge=0, le=1)
+    jumprelu_bandwidth: float = setting(0.05, "width of the rectangle kernel of the "
+                                        "thresholds' pseudo-derivative", gt=0)
+    jumprelu_init_threshold: float = setting(0.01, "initial threshold, and the floor of the "
+                                             "data-set thresholds", gt=0)
+    jumprelu_init_l0: int | None = setting(64, "start the thresholds where the data gives this "
+                                           "L0 (None: all at the initial threshold)", ge=1)
+    jumprelu_threshold_lr_scale: float = setting(30.0, "learning-rate multiplier of the "
+                                                 "log-thresholds", gt=0)
+    aux_coefficient: float = setting(1 / 32, "weight of the dead latents' pre-activation loss "
+                                     "(0: off)", ge=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, SAEConfigError)
+
+
 class JumpReLUSAE(SAE):
     """JumpReLU activations with learnt per-latent thresholds, trained on L0 directly."""
 
     architecture = "jumprelu"
+    config_class = JumpReLUConfig
+    sweep_field = "l0_coefficient"
     saelens_architecture = "jumprelu"
     unit_norm_decoder = True
     default_apply_b_dec_to_input = False
-
-    def check_config(self, cfg: SAEConfig) -> None:
-        for name in ("jumprelu_bandwidth", "jumprelu_init_threshold"):
-            if not getattr(cfg, name) > 0:
-                raise SAEConfigError(f"{name} must be positive, got {getattr(cfg, name)}.")
 
     def add_extra_parameters(self, like: dict[str, Any]) -> None:
         self.log_threshold = nn.Parameter(torch.zeros(self.d_sae, **like))
@@ -93,7 +114,7 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        self.log_threshold.fill_(math.log(self.cfg.jumprelu_init_threshold))
+        self.log_threshold.fill_(math.log(self.cfg.options.jumprelu_init_threshold))
 
     @torch.no_grad()
     def init_from_data(self, sample: Tensor) -> None:
@@ -101,13 +122,13 @@ class JumpReLUSAE(SAE):
         that makes it fire on ``jumprelu_init_l0 / d_sae`` of ``sample``: training then starts
         near that L0 instead of ReLU-dense (thresholds move slowly, as logs under Adam)."""
         super().init_from_data(sample)
-        target = self.cfg.jumprelu_init_l0
+        target = self.cfg.options.jumprelu_init_l0
         if not target:
             return
         pre = self._centred(self._normalised_input(sample)) @ self.W_enc + self.b_enc
         rank = max(1, min(len(pre), round(len(pre) * (1 - target / self.d_sae))))
         quantile = pre.kthvalue(rank, dim=0).values
-        floor = self.cfg.jumprelu_init_threshold
+        floor = self.cfg.options.jumprelu_init_threshold
         self.log_threshold.copy_(quantile.clamp_min(floor).log())
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -115,7 +136,7 @@ class JumpReLUSAE(SAE):
         they move ~x1.5 in 500 steps and the encoder outruns them (L0 then ignores lambda)."""
         others = [p for name, p in self.named_parameters() if name != "log_threshold"]
         return [{"params": others, "lr_scale": 1.0},
-                {"params": [self.log_threshold], "lr_scale": self.cfg.jumprelu_threshold_lr_scale}]
+                {"params": [self.log_threshold], "lr_scale": self.cfg.options.jumprelu_threshold_lr_scale}]
 
     @property
     def threshold(self) -> Tensor:
@@ -128,15 +149,16 @@ class JumpReLUSAE(SAE):
     def _training_step(self, x: Tensor, dead_mask: Tensor | None, progress: float,
                        batch_sum: BatchSum) -> TrainStep:
         pre = self._centred(x) @ self.W_enc + self.b_enc
-        threshold, bandwidth = self.threshold, self.cfg.jumprelu_bandwidth
+        options = self.cfg.options
+        threshold, bandwidth = self.threshold, options.jumprelu_bandwidth
         acts = _JumpReLU.apply(pre, threshold, bandwidth)
         x_hat = acts @ self.W_dec + self.b_dec
         losses = reconstruction_losses(x, x_hat, batch_sum)
         losses["l0"] = batch_mean(_Step.apply(pre, threshold, bandwidth).sum(-1), batch_sum)
-        coefficient = warmup(self.cfg.l0_coefficient, self.cfg.l0_warmup_fraction, progress)
+        coefficient = warmup(options.l0_coefficient, options.l0_warmup_fraction, progress)
         losses["aux"] = self._dead_preact_loss(pre, threshold, dead_mask, batch_sum)
         losses["loss"] = (losses["mse"] + coefficient * losses["l0"]
-                          + self.cfg.aux_coefficient * losses["aux"])
+                          + options.aux_coefficient * losses["aux"])
         return TrainStep(x_hat=x_hat, losses=losses, fired=(acts > 0).any(0),
                          l0=losses["l0"].item())
 

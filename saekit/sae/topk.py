@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dataclasses import dataclass
+
+from saekit.config import check_fields, setting
 from saekit.errors import SAEConfigError
 from saekit.sae.base import SAE, SAEConfig, TrainStep
 from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_latents,
@@ -28,35 +31,51 @@ from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_lat
                                 sparse_decode, total_variance)
 
 
+@dataclass
+class TopKConfig:
+    """Settings of a TopK SAE."""
+
+    k: int | None = setting(32, "active latents per sample (batchtopk: on average)", ge=1)
+    aux_k: int | None = setting(None, "dead latents the AuxK loss decodes from (default: "
+                                "d_in // 2)", ge=1)
+    aux_coefficient: float = setting(1 / 32, "weight of the AuxK loss on dead latents (0: off)",
+                                     ge=0)
+
+    def __post_init__(self) -> None:
+        check_fields(self, SAEConfigError)
+
+
 class TopKSAE(SAE):
     """k active latents per sample, AuxK loss for dead latents, sparse training kernels."""
 
     architecture = "topk"
+    config_class = TopKConfig
+    sweep_field = "k"
     saelens_architecture = "topk"
     unit_norm_decoder = True
     default_apply_b_dec_to_input = True
     saelens_extra_fields = {"rescale_acts_by_decoder_norm": False}
 
     def check_config(self, cfg: SAEConfig) -> None:
-        if cfg.k is None or not isinstance(cfg.k, int) or not 1 <= cfg.k < cfg.d_sae:
+        k, aux_k = cfg.options.k, cfg.options.aux_k
+        if k is None or not 1 <= k < cfg.d_sae:
             raise SAEConfigError(f"{cfg.architecture} needs an integer k with 1 <= k < d_sae = "
-                                 f"{cfg.d_sae}, got k = {cfg.k!r}.")
-        if cfg.aux_k is not None and not 1 <= cfg.aux_k <= cfg.d_sae:
-            raise SAEConfigError(f"aux_k must be between 1 and d_sae = {cfg.d_sae}, "
-                                 f"got {cfg.aux_k}.")
+                                 f"{cfg.d_sae}, got k = {k!r}.")
+        if aux_k is not None and not 1 <= aux_k <= cfg.d_sae:
+            raise SAEConfigError(f"aux_k must be between 1 and d_sae = {cfg.d_sae}, got {aux_k}.")
 
     @property
     def aux_k(self) -> int:
-        return self.cfg.aux_k or max(1, self.d_in // 2)
+        return self.cfg.options.aux_k or max(1, self.d_in // 2)
 
     def _encode(self, x: Tensor) -> Tensor:
         pre = self._centred(x) @ self.W_enc + self.b_enc
-        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
+        values, indices = pre.topk(self.cfg.options.k, dim=-1, sorted=False)
         return torch.zeros_like(pre).scatter_(-1, indices, values.relu())
 
     def _select(self, pre: Tensor, batch_sum: BatchSum) -> tuple[Tensor, Tensor]:
         """Training-time active coordinates ``(rows, cols)``, row-sorted."""
-        return row_topk(pre, self.cfg.k)
+        return row_topk(pre, self.cfg.options.k)
 
     def _observe(self, vals: Tensor, batch_sum: BatchSum) -> None:
         """Hook on the active values [nnz] of each training batch."""
@@ -79,7 +98,7 @@ class TopKSAE(SAE):
                                          any_dead, batch_sum)
         active_per_sample = x.new_zeros(batch).index_add_(0, rows, (vals > 0).to(x.dtype))
         losses["l0"] = batch_mean(active_per_sample, batch_sum)
-        losses["loss"] = losses["fvu"] + self.cfg.aux_coefficient * losses["auxk"]
+        losses["loss"] = losses["fvu"] + self.cfg.options.aux_coefficient * losses["auxk"]
         return TrainStep(x_hat=x_hat, losses=losses, fired=fired_latents(cols, vals, self.d_sae),
                          l0=losses["l0"].item())
 
