@@ -17,11 +17,12 @@ Then, on the *evaluation* prompts (never used to choose), each method at each ed
   bare prompt, like every other method).
 
 Scores per setting: keyword mention rate, perplexity under the unsteered model, and a second
-score that is not a keyword list: a probe, the projection of the unsteered model's activations
-on the generated text (at the SAE's hook) onto the concept's mean-difference direction, as a
-fraction of the concept texts' projection; a generation counts when its projection is nearer
-the concept texts' than the unsteered generations' mean (the midpoint of the two). Reported
-per method: the best rate at perplexity <= 3x unsteered. Writes ``steering_benchmark.json``,
+score that is not a keyword list: a logistic-regression probe (``saekit.concept_probe``) on
+the unsteered model's mean-pooled activations two thirds of the way through the model (not the
+steered layer), fitted on the concept's corpus windows against ordinary windows free of its
+keywords; a generation counts when P(concept) >= 0.5. Every sample's text is kept, so results
+scored by an earlier probe are scored again when resumed. Reported per method: the best
+keyword rate at perplexity <= 3x unsteered, with its probe rate, and keyword-probe agreement. Writes ``steering_benchmark.json``,
 ``steering_benchmark.png`` (concepts x methods) and ``steering_benchmark_curves.png``.
 """
 
@@ -36,11 +37,12 @@ from pathlib import Path
 
 import common
 import torch
-import torch.nn.functional as F
 
 from saekit.analyse import feature_statistics
 from saekit.cache import ActivationCache, leading_activations
 from saekit.concept import ConceptSearch, benchmark_concepts, select_concept_features
+from saekit.concept_probe import ConceptProbe, fit_concept_probe, ordinary_windows
+from saekit.concept_texts import ConceptTexts, concept_texts
 from saekit.formats import load_foreign_sae
 from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_logprobs,
                                read_prompts)
@@ -57,6 +59,8 @@ DEFAULTS = {"concepts": "", "strengths": [0.1, 0.15, 0.2, 0.3],
             "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
 FULL = {"samples_per_prompt": 5}
 VERSION = 4  # of the measurement: partial results of another version are not resumed
+INSTRUCTION = "Talk about {name}. "  # the prompting baseline's prefix
+PROBE_METHOD = "logistic probe at 2/3 depth"  # results scored otherwise are scored again
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,24 +85,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return common.parse(parser, NAME, DEFAULTS, FULL, argv)
 
 
-@torch.inference_mode()
-def probe_scores(model, hook: str, direction: torch.Tensor, reference_mean: torch.Tensor,
-                 concept_projection: float, samples: Sequence[dict]) -> list[float]:
-    """Per sample: mean over its continuation's tokens of (x - reference mean) . unit(v) at
-    ``hook``, read by the unsteered model, over the concept texts' mean projection."""
-    from saekit.analyse import model_activations
-
-    unit = F.normalize(direction.float(), dim=0)
-    out = []
-    for sample in samples:
-        prompt = model.to_tokens(sample["prompt"])
-        tokens = model.to_tokens(sample["prompt"] + sample["text"])
-        if tokens.shape[1] <= prompt.shape[1]:
-            out.append(0.0)
-            continue
-        acts = model_activations(model, hook, tokens)[0, prompt.shape[1]:].float().cpu()
-        out.append(float(((acts - reference_mean) @ unit).mean()) / concept_projection)
-    return out
+def fit_probe(model, tokens, texts: ConceptTexts, seed: int) -> ConceptProbe:
+    """The concept's probe: its corpus windows against 3x as many ordinary windows of the
+    same mean length that touch no mention (``saekit.concept_probe``)."""
+    length = round(sum(len(w) for w in texts.windows) / len(texts.windows))
+    ordinary = ordinary_windows(tokens, texts.mentions, 3 * len(texts.windows), length, seed,
+                                model.tokenizer.bos_token_id)
+    return fit_concept_probe(model, texts.windows, ordinary, seed=seed)
 
 
 def best_within(points: Sequence[dict], limit: float, key: str = "mention_rate") -> dict | None:
@@ -107,20 +100,53 @@ def best_within(points: Sequence[dict], limit: float, key: str = "mention_rate")
     return max(ok, key=lambda p: (p[key], -p["perplexity"])) if ok else None
 
 
-def summarise(point: dict, pattern, probe: list[float], threshold: float) -> dict:
-    """A measured setting with its samples' prompts and texts (so a second score can be
-    recomputed later) and the probe added (a sample is a probe hit when its score reaches
-    ``threshold``)."""
+def summarise(point: dict, pattern) -> dict:
+    """A measured setting with its samples' prompts and texts (the probe is scored on them by
+    ``add_probe_scores``, and can be again)."""
     mentions = [bool(pattern.search(s["text"])) for s in point["samples"]]
-    hits = [score >= threshold for score in probe]
     return {"mention_rate": sum(mentions) / len(mentions),
-            "probe_rate": sum(hits) / len(hits), "probe_mean": sum(probe) / len(probe),
-            "probe_scores": probe,
             "perplexity": point["perplexity"], "kl_neutral": point["kl_neutral"],
             "n_generations": point["n_generations"],
-            "labels": [[int(m), int(h)] for m, h in zip(mentions, hits)],
             "examples": [s["text"] for s in point["samples"][:3]],
             "samples": [{"prompt": s["prompt"], "text": s["text"]} for s in point["samples"]]}
+
+
+def add_probe_scores(result: dict, name: str, probe: ConceptProbe, model) -> None:
+    """Score every stored sample of a concept's result with ``probe`` (a hit: P >= 0.5), then
+    pick each method's best setting again. Prompting's samples are read after the bare prompt,
+    like their perplexity, so the instruction does not count."""
+    pattern = keyword_pattern(result["keywords"])
+    instruction = INSTRUCTION.format(name=name)
+    for entry in [result["unsteered"], *(p for m in result["methods"].values() for p in m)]:
+        samples = [{"prompt": s["prompt"].removeprefix(instruction), "text": s["text"]}
+                   for s in entry["samples"]]
+        scores = probe.score_continuations(model, samples)
+        mentions = [bool(pattern.search(s["text"])) for s in samples]
+        hits = [score >= 0.5 for score in scores]
+        entry.update({"probe_rate": sum(hits) / len(hits),
+                      "probe_mean": sum(scores) / len(scores), "probe_scores": scores,
+                      "labels": [[int(m), int(h)] for m, h in zip(mentions, hits)]})
+    result["probe"] = probe.summary() | {"method": PROBE_METHOD}
+    result.pop("probe_threshold", None)
+    for method, points in result["methods"].items():
+        best = best_within(points, result["perplexity_limit"])
+        result["best"][method] = None if best is None else {
+            k: best[k] for k in ("mention_rate", "probe_rate", "perplexity", "strength")}
+
+
+def probe_resumed(model, tokens, results: dict, names: Sequence[str], seed: int) -> None:
+    """Score with today's probe the resumed concepts an earlier run scored otherwise, where it
+    kept their samples."""
+    for name in names:
+        result = results.get(name)
+        if result is None or result.get("probe", {}).get("method") == PROBE_METHOD:
+            continue
+        if "samples" not in result["unsteered"]:
+            result["probe"] = {"method": "projection on the mean-difference direction (samples "
+                               "not kept, so not scored again)"}
+            continue
+        texts = concept_texts(tokens, model.tokenizer, result["keywords"], seed=seed)
+        add_probe_scores(result, name, fit_probe(model, tokens, texts, seed), model)
 
 
 def agreement(labels: Sequence[Sequence[int]]) -> dict:
@@ -157,25 +183,15 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
                        temperature=args.temperature, seed=args.seed + 1, positions="all",
                        **neutral)
     measured = measure_settings(model, plans, prompts, **common_args)
-    instructed = [f"Talk about {name}. {p}" for p in prompts]
+    instructed = [INSTRUCTION.format(name=name) + p for p in prompts]
     measured += measure_settings(model, [[]], instructed, score_prompts=prompts, **common_args)
-
-    def probe(point: dict) -> list[float]:
-        return probe_scores(model, found.hook, found.mean_difference, found.reference_mean,
-                            found.concept_projection, point["samples"])
-
-    unsteered_probe = probe(unsteered)
-    threshold = (1 + sum(unsteered_probe) / len(unsteered_probe)) / 2  # concept texts: 1
-
-    def score(point: dict) -> dict:
-        return summarise(point, pattern, probe(point), threshold)
 
     n, m = len(strengths), len(vector_strengths)
     methods = {"sae_clamp": measured[:n], "sae_add": measured[n:2 * n],
                "mean_difference": measured[2 * n:2 * n + m], "prompting": measured[2 * n + m:]}
     grids = {"sae_clamp": strengths, "sae_add": strengths,
              "mean_difference": vector_strengths, "prompting": [None]}
-    base = summarise(unsteered, pattern, unsteered_probe, threshold)
+    base = summarise(unsteered, pattern)
     limit = args.max_perplexity_ratio * base["perplexity"]
     result = {"keywords": keywords, "features": found.choice.features,
               "values": found.choice.values, "chosen_strength": found.choice.strength,
@@ -186,15 +202,11 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
                                            for k in ("mention_rate", "perplexity")},
                              "settings": found.validation},
               "n_mentions_in_cache": found.texts.n_mentions, "unsteered": base,
-              "probe_threshold": threshold,
-              "perplexity_limit": limit, "methods": {}, "best": {}}
-    for method, points in methods.items():
-        scored = [score(p) | {"strength": s} for p, s in
-                  zip(points, grids[method])]
-        result["methods"][method] = scored
-        best = best_within(scored, limit)
-        result["best"][method] = None if best is None else {
-            k: best[k] for k in ("mention_rate", "probe_rate", "perplexity", "strength")}
+              "perplexity_limit": limit, "best": {},
+              "methods": {method: [summarise(p, pattern) | {"strength": s}
+                                   for p, s in zip(points, grids[method])]
+                          for method, points in methods.items()}}
+    add_probe_scores(result, name, fit_probe(model, tokens, found.texts, args.seed), model)
     sae_best = result["best"]["sae_clamp"]
     result["target_met"] = bool(sae_best and sae_best["mention_rate"] >= 0.5
                                 and base["mention_rate"] < 0.05)
@@ -286,26 +298,34 @@ def main(argv: Sequence[str] | None = None) -> dict:
                                     samples_per_prompt=args.samples_per_prompt,
                                     temperature=args.temperature, seed=args.seed + 1,
                                     positions="all", **neutral)
+    tokens = cache.tokens()
     results = finished_concepts(args)
+    probe_resumed(model, tokens, results, names, args.seed)
     for name in names:
         if name in results:
             print(f"{name}: measured by an earlier run with the same settings")
             continue
         keywords = concepts[name]
-        results[name] = run_concept(model, sae, args, name, keywords, cache.tokens(), reference,
+        results[name] = run_concept(model, sae, args, name, keywords, tokens, reference,
                                     statistics, prompts, unsteered, neutral)
         common.save_results(args.out, NAME + "_partial", None,
                             {"settings": resumable_settings(args), "concepts": results})
     results = {name: results[name] for name in names}
-    labels = [label for r in results.values() for m in r["methods"].values() for p in m
+    probed = [r for r in results.values() if r["probe"]["method"] == PROBE_METHOD]
+    labels = [label for r in probed for m in r["methods"].values() for p in m
               for label in p["labels"]]
-    rates = [(p["mention_rate"], p["probe_rate"]) for r in results.values()
+    rates = [(p["mention_rate"], p["probe_rate"]) for r in probed
              for m in r["methods"].values() for p in m]
     corpus = [n for n in names if n != "the Golden Gate Bridge"]
     summary = {
         "concepts_meeting_target": [n for n in corpus if results[n]["target_met"]],
         "n_corpus_concepts": len(corpus),
-        "keyword_probe_agreement": agreement(labels),
+        "probe": {"method": PROBE_METHOD, "concepts": [n for n in names
+                                                       if results[n] in probed],
+                  "held_out_accuracy_mean": _mean([r["probe"]["held_out_accuracy"]
+                                                   for r in probed]),
+                  "unsteered_rate_mean": _mean([r["unsteered"]["probe_rate"] for r in probed])},
+        "keyword_probe_agreement": agreement(labels) if labels else None,
         "keyword_probe_rate_correlation": _pearson(rates),
         "methods_best_mean": {m: _mean([(results[n]["best"][m] or {}).get("mention_rate", 0.0)
                                         for n in corpus]) for m in METHODS},

@@ -8,7 +8,7 @@ keywords, and the tokens before and around each mention become the concept's tex
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 from bisect import bisect_right
 
@@ -34,6 +34,7 @@ class ConceptTexts:
     n_rows: int  # rows searched
     n_tokens: int  # tokens searched
     mention_rows: list[int]  # rows with at least one mention
+    mentions: list[tuple[int, int, int]] = field(default_factory=list)  # (row, first, last)
 
 
 def keyword_list(keywords: str | Sequence[str]) -> list[str]:
@@ -108,7 +109,7 @@ def concept_texts(tokens: Tensor, tokenizer, keywords: Sequence[str], max_texts:
             end = last + 1 + int(tail[0])
         windows.append(ids[start:end].clone())
     texts = tokenizer.batch_decode([w.tolist() for w in windows], skip_special_tokens=True)
-    return ConceptTexts(windows, texts, len(mentions), n_rows, n_rows * context, rows)
+    return ConceptTexts(windows, texts, len(mentions), n_rows, n_rows * context, rows, mentions)
 
 
 def text_windows(tokenizer, texts: Sequence[str], max_tokens: int = 128) -> list[Tensor]:

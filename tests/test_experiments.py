@@ -201,6 +201,9 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     assert kings["methods"]["mean_difference"][0]["kl_neutral"] > 0
     assert first["summary"]["n_corpus_concepts"] == 1
     assert 0 <= first["summary"]["keyword_probe_agreement"]["agreement"] <= 1
+    assert kings["probe"]["hook"] == "blocks.12.hook_resid_post"
+    assert 0 <= kings["probe"]["held_out_accuracy"] <= 1 and kings["probe"]["n_ordinary"] > 0
+    assert all(0 <= score <= 1 for score in kings["unsteered"]["probe_scores"])
     # a second run with the same settings measures only the concept it has not measured yet
     run_script("steering_benchmark", tmp_path, *args)
     second = outputs(tmp_path, "steering_benchmark")
