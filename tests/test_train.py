@@ -195,16 +195,19 @@ def test_every_architecture_setting_is_a_flag_and_reaches_the_saved_sae(train_ca
 
     out = tmp_path / "run"
     argv = ["train", "--activations", str(train_cache), "--out", str(out),
-            "--arch", "topk,jumprelu,relu", "--latents", "128", "--tokens", "640",
+            "--arch", "topk,jumprelu,relu,matryoshka", "--latents", "128", "--tokens", "640",
             "--batch-size", "64", "--holdout-tokens", "0", "--k", "8", "--aux-k", "16,32",
             "--aux-coefficient", "0.05", "--jumprelu-bandwidth", "0.1", "--jumprelu-init-l0",
             "20", "--l0-warmup-fraction", "0.5", "--jumprelu-threshold-lr-scale", "10",
             "--jumprelu-init-threshold", "0.02", "--l1-warmup-fraction", "0.3",
-            "--decoder-init-norm", "0.2"]
+            "--decoder-init-norm", "0.2", "--matryoshka-prefixes", "3",
+            "--matryoshka-growth", "2"]
     assert main(argv) == 0
     names = sorted(p.name for p in out.iterdir() if (p / "cfg.json").exists())
-    assert names == ["jumprelu_w128_l01", "relu_w128_l15", "topk_w128_k8_aux_k16",
+    assert names == ["jumprelu_w128_l01", "matryoshka_w128_k8_aux_k16",
+                     "matryoshka_w128_k8_aux_k32", "relu_w128_l15", "topk_w128_k8_aux_k16",
                      "topk_w128_k8_aux_k32"]
+    assert load_sae(out / "matryoshka_w128_k8_aux_k16").widths == [32, 64, 128]
     jump = load_sae(out / "jumprelu_w128_l01").cfg.options
     assert (jump.jumprelu_bandwidth, jump.jumprelu_init_l0, jump.l0_warmup_fraction,
             jump.jumprelu_threshold_lr_scale, jump.jumprelu_init_threshold,
@@ -222,7 +225,7 @@ def test_a_setting_of_an_architecture_not_trained_is_refused(tmp_path, capsys):
     argv = ["train", "--activations", str(tmp_path), "--out", str(tmp_path / "o"),
             "--arch", "relu", "--k", "8"]
     assert main(argv) == 2
-    assert "--k is a setting of batchtopk, topk, and this run trains relu" in \
+    assert "--k is a setting of batchtopk, matryoshka, topk, and this run trains relu" in \
         capsys.readouterr().err
     with pytest.raises(SAEConfigError, match="--jumprelu-bandwidth must be > 0"):
         train_config(arch=["jumprelu"], jumprelu_bandwidth=[0.0])

@@ -14,10 +14,11 @@ from saekit.sae.base import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, TrainSt
                              architecture_options, architecture_settings, load_sae, sae_config)
 from saekit.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saekit.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
+from saekit.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
 from saekit.sae.relu import ReLUConfig, ReLUSAE
 from saekit.sae.topk import TopKConfig, TopKSAE
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetadata", "TrainStep", "load_sae",
            "sae_config", "architecture_options", "architecture_settings",
            "ReLUSAE", "ReLUConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
-           "JumpReLUSAE", "JumpReLUConfig"]
+           "JumpReLUSAE", "JumpReLUConfig", "MatryoshkaSAE", "MatryoshkaConfig"]
