@@ -2,7 +2,8 @@
 CLI and Python alike): ``tokens: int = field(default=1000, metadata=domain(ge=1))``.
 
 ``check_fields(config)`` checks every field: its type (an int field takes an int, a float field
-a finite number, a list each item), and its declared bounds or choices. The message names the
+a finite number, a list each item), and its declared bounds or choices; numpy numbers become
+int/float, and paths and torch devices given to a text field become text. The message names the
 flag, the value and what is allowed. Float fields must be finite unless ``finite=False``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import numbers
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -79,6 +82,7 @@ def check_fields(config: Any, error: type[ConfigError] = ConfigError) -> None:
 
 
 def _check_fields(config: Any) -> None:
+    """Check each field, replacing it by its plain form (see ``_checked_value``)."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
@@ -88,34 +92,45 @@ def _check_fields(config: Any) -> None:
             (item_kind,) = typing.get_args(kind)
             if not isinstance(value, (list, tuple)):
                 raise ConfigError(f"{flag_name(f)} takes a list, got {value!r}.")
-            for item in value:
-                _check_value(f, item_kind, item, rule)
+            value = [_checked_value(f, item_kind, item, rule) for item in value]
         else:
-            _check_value(f, kind, value, rule)
+            value = _checked_value(f, kind, value, rule)
+        object.__setattr__(config, f.name, value)
 
 
-def _check_value(f: dataclasses.Field, kind: Any, value: Any, rule: Domain | None) -> None:
+def _checked_value(f: dataclasses.Field, kind: Any, value: Any, rule: Domain | None) -> Any:
+    """``value`` in its plain form (numpy numbers as int/float, paths and devices as text),
+    or ``ConfigError`` when it has the wrong type or lies outside ``rule``."""
     union = typing.get_origin(kind) in (typing.Union, types.UnionType)
     options = [a for a in typing.get_args(kind) if a is not type(None)] if union else [kind]
     if value is None:
         if type(None) in typing.get_args(kind):
-            return
+            return None
         raise ConfigError(f"{flag_name(f)} needs a value.")
     base = options[0]
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{flag_name(f)} is true or false, got {value!r}.")
-        return
+        return value
     if base is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ConfigError(f"{flag_name(f)} takes a whole number, got {value!r}.")
+        value = int(value)
     elif base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ConfigError(f"{flag_name(f)} takes a number, got {value!r}.")
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
         finite = rule.finite if rule else True
         if math.isnan(value) or (finite and math.isinf(value)):
             raise ConfigError(f"{flag_name(f)} must be a finite number, got {value!r}.")
-    elif base is str and not isinstance(value, str):
-        raise ConfigError(f"{flag_name(f)} takes text, got {value!r}.")
+    elif base is str:
+        if isinstance(value, os.PathLike) or type(value).__name__ == "device":
+            value = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+        if not isinstance(value, str):
+            raise ConfigError(f"{flag_name(f)} takes text, got {value!r}.")
     if rule is not None and not rule.admits(value):
         raise ConfigError(f"{flag_name(f)} must be {rule.describe()}, got {value!r}.")
+    return value

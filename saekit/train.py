@@ -10,6 +10,7 @@ same command resumes from the last one and ends with the same weights.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -27,7 +28,7 @@ from saekit.cache import ActivationCache, ActivationStream
 from saekit.config import check_fields, domain
 from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
-from saekit.files import atomic_path, output_lock, write_json
+from saekit.files import FolderInUseError, atomic_path, output_lock, write_json
 from saekit.model import default_device
 from saekit.sae import ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings
 
@@ -199,6 +200,14 @@ class Distributed:
             dist.all_reduce(tensor)
         return tensor
 
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on every rank."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+
     def any_(self, mask: torch.Tensor) -> torch.Tensor:
         return self.sum_(mask.to(torch.int32)) > 0 if self.world > 1 else mask
 
@@ -368,9 +377,17 @@ def train(config: TrainConfig) -> dict[str, Path]:
     ranks = Distributed.from_environment(device)
     if not config.out:
         raise TrainingError("Give an output folder: --out DIR (TrainConfig.out).")
-    if ranks.rank != 0:  # only rank 0 writes, and holds the folder's lock
-        return _train(config, device, ranks)
-    with output_lock(config.out, "train"):
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if ranks.rank == 0:  # only rank 0 writes, and holds the folder's lock
+            try:
+                stack.enter_context(output_lock(config.out, "train"))
+            except FolderInUseError as err:
+                refused = err
+        # every rank learns whether rank 0 got the lock, so none waits in a collective for it
+        if not ranks.all_true(refused is None, device):
+            raise refused or FolderInUseError(f"{config.out} is in use by another saekit "
+                                              "train: rank 0 could not lock it.")
         return _train(config, device, ranks)
 
 

@@ -7,6 +7,9 @@ import dataclasses
 import json
 import math
 import typing
+from pathlib import Path
+
+import torch
 
 import pytest
 
@@ -194,3 +197,40 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(saved, tmp_path, ca
     assert f"{blocker} is a file" in capsys.readouterr().err
     assert cli.main(["eval", "--sae", str(saved), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_the_output_lock_leaves_nothing_behind(tmp_path):
+    """Review of issue 12: a refused run left its lock file in the user's folder, and parent
+    folders it created stayed behind."""
+    from saekit.files import output_lock
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "data.txt").write_text("the user's")
+    with pytest.raises(RuntimeError), output_lock(existing, "cache"):
+        raise RuntimeError("refused: the folder holds something else")
+    assert [p.name for p in existing.iterdir()] == ["data.txt"]
+    nested = tmp_path / "a" / "b" / "c"
+    with output_lock(nested, "train"):
+        pass
+    assert not (tmp_path / "a").exists()
+    with output_lock(nested, "train"):
+        (nested / "written").write_text("1")
+    assert [p.name for p in nested.iterdir()] == ["written"]
+
+
+def test_config_fields_take_numpy_numbers_paths_and_devices():
+    """Review of issue 12: values a Python caller naturally passes are taken as their plain
+    equivalents; a number too large for a float is a ConfigError, not an OverflowError."""
+    import numpy as np
+
+    config = TrainConfig(activations=Path("cache"), out=Path("out"), tokens=np.int64(4096),
+                         lr=np.float32(0.002), latents=[np.int64(64)], device=torch.device("cpu"))
+    assert (config.activations, config.out, config.tokens, config.device) == \
+        ("cache", "out", 4096, "cpu")
+    assert type(config.tokens) is int and type(config.latents[0]) is int
+    assert type(config.lr) is float and config.lr == pytest.approx(0.002)
+    with pytest.raises(ConfigError, match="--lr must be a finite number"):
+        TrainConfig(lr=10 ** 400)
+    with pytest.raises(ConfigError, match="--tokens takes a whole number"):
+        TrainConfig(tokens=np.float64(4096.5))

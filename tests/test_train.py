@@ -116,6 +116,21 @@ def test_torchrun_two_processes_match_one(train_cache, tmp_path):
         assert not torch.equal(a["W_enc"], torch.zeros_like(a["W_enc"]))
 
 
+def test_torchrun_refused_by_a_held_folder_stops_every_rank(train_cache, tmp_path):
+    """Only rank 0 takes the output folder's lock; when it cannot, every rank stops at once
+    with the reason (before, rank 1 waited in its first all-reduce until the timeout)."""
+    from saekit.files import output_lock
+
+    out = tmp_path / "held"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                "--master_port=29519", "-m", "saekit"]
+    with output_lock(out, "train"):
+        result = subprocess.run([*torchrun, *_train_args(train_cache, out, str(64 * 10))],
+                                env=ENV, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    assert result.stderr.count("is in use by another saekit train") == 2, result.stderr[-3000:]
+
+
 def test_resume_with_other_hyper_parameters(train_cache, tmp_path):
     out = tmp_path / "run"
     train(train_config(activations=str(train_cache), out=str(out), latents=[256], k=[8],
