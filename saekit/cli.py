@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import json
 import sys
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from saekit.config import flag_name
-from saekit.errors import ConfigError, SaekitError
+from saekit.errors import SaekitError
 
-# modules that add their own sub-commands with register_cli(subparsers)
-COMMAND_MODULES = ("saekit.evaluate", "saekit.dashboard", "saekit.generation", "saekit.steer_eval",
-                   "saekit.concept_run", "saekit.demo")
 
 
 class ExtendFromCommas(argparse.Action):
@@ -39,11 +35,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class: type) ->
     a field's ``help`` metadata is its help text."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
+        if f.metadata.get("architecture_settings"):
+            add_architecture_arguments(parser)
         if f.metadata.get("cli", True):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING \
                 else f.default
+            rule = f.metadata.get("domain")
             _add_flag(parser, flag_name(f), f.name, hints[f.name], default,
-                      f.metadata.get("help", ""))
+                      f.metadata.get("help", ""), f.metadata.get("required", False),
+                      rule.choices if rule else None)
 
 
 def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,18 +79,24 @@ def _scalar_type(kind: Any) -> type:
 
 
 def _add_flag(parser: argparse.ArgumentParser, flag: str, dest: str, kind: Any, default: Any,
-              help: str) -> None:
+              help: str, required: bool = False, choices: tuple | None = None) -> None:
+    shown = "required" if required else f"default: {default}"
+    if "(default" in help:  # the help says what the default means
+        shown = "required" if required else ""
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
+        shown = "required" if required else f"default: {','.join(map(str, default))}"
         parser.add_argument(flag, dest=dest, action=ExtendFromCommas, item_type=item,
-                            default=None, help=f"{help}; repeatable or comma-separated "
-                            f"(default: {','.join(map(str, default))})".lstrip("; "))
+                            default=None, required=required,
+                            help=f"{help}; repeatable or comma-separated ({shown})"
+                            .replace(" ()", "").lstrip("; "))
     elif kind is bool:
         parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                             default=default, help=help or None)
     else:
         parser.add_argument(flag, dest=dest, type=_scalar_type(kind), default=default,
-                            help=f"{help} (default: {default})".lstrip())
+                            required=required, choices=choices,
+                            help=f"{help} ({shown})".replace(" ()", "").lstrip())
 
 
 def config_from_args(config_class: type, args: argparse.Namespace):
@@ -103,71 +109,26 @@ def config_from_args(config_class: type, args: argparse.Namespace):
     return config_class(**values)
 
 
-def run_cache(args: argparse.Namespace) -> None:
-    from saekit.capture import CaptureConfig, capture_activations
-    from saekit.cache import ActivationCache
-
-    config = config_from_args(CaptureConfig, args)
-    out = capture_activations(config, args.out, device=args.device)
-    cache = ActivationCache.open(out)
-    size = sum(e["bytes"] for e in cache.manifest["shards"])
-    print(f"wrote {cache.manifest['n_tokens']:,} tokens x {len(cache.hooks)} hook(s) "
-          f"({', '.join(cache.hooks)}), d_model {cache.d_model}, {cache.n_shards} shards, "
-          f"{size / 2**30:.2f} GiB to {out}")
-
-
-def run_train(args: argparse.Namespace) -> None:
-    from saekit.train import TrainConfig, train
-
-    config = config_from_args(TrainConfig, args)
-    if not config.activations or not config.out:
-        raise ConfigError("saekit train needs --activations DIR (from `saekit cache`) and --out DIR.")
-    saved = train(config)
-    for name, folder in saved.items():
-        summary = json.loads((folder / "train_summary.json").read_text())["held_out"]
-        if "fvu" not in summary:  # --holdout-tokens 0
-            print(f"{name}: no held-out tokens, nothing evaluated -> {folder}")
-            continue
-        print(f"{name}: held-out FVU {summary['fvu']:.4f}, L0 {summary['l0']:.1f}, dead "
-              f"{100 * summary['dead_fraction_training']:.1f}% -> {folder}")
-
-
-def run_hooks(args: argparse.Namespace) -> None:
-    from saekit.model import load_model
-
-    model = load_model(args.model, device=args.device)
-    names = [n for n in model.hook_dict if args.grep in n]
-    print("\n".join(names))
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from saekit.capture import CaptureConfig
-    from saekit.train import TrainConfig
+    """The ``saekit`` parser: one sub-command per ``saekit.commands.COMMANDS`` entry, its flags
+    built from the fields of its config dataclasses."""
+    from saekit.commands import COMMANDS
 
     parser = argparse.ArgumentParser(prog="saekit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    cache = sub.add_parser("cache", help="capture activations of a model over a corpus")
-    add_config_arguments(cache, CaptureConfig)
-    cache.add_argument("--out", required=True, help="cache folder (resumed if it exists)")
-    cache.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    cache.set_defaults(run=run_cache)
-
-    train = sub.add_parser("train", help="train SAEs (a sweep) on cached activations")
-    add_config_arguments(train, TrainConfig)
-    add_architecture_arguments(train)
-    train.set_defaults(run=run_train)
-
-    hooks = sub.add_parser("hooks", help="list a model's hook names")
-    hooks.add_argument("--model", default="gemma-3-270m")
-    hooks.add_argument("--grep", default="", help="only names containing this")
-    hooks.add_argument("--device", default=None)
-    hooks.set_defaults(run=run_hooks)
-
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register_cli(sub)
-
+    for command in COMMANDS:
+        command_parser = sub.add_parser(command.name, help=command.help,
+                                        description=command.help)
+        for config_class in command.configs:
+            add_config_arguments(command_parser, config_class)
+        command_parser.set_defaults(run=_runner(command))
     return parser
+
+
+def _runner(command) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        command.run(*(config_from_args(c, args) for c in command.configs))
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ writes ``OUT/concept.json`` (see ``saekit.concept.find_concept_steering``) and p
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,24 +190,3 @@ def result_table(result: dict) -> str:
                          f"{point['perplexity']:>12.2f}{point['kl_neutral']:>12.3f}")
     lines.append(f"over {result['n_generations']} generations each; {result['verdict']}")
     return "\n".join(lines)
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    from saekit.cli import add_config_arguments, config_from_args
-
-    parser = subparsers.add_parser("concept", help="find the SAE feature(s) that steer to a "
-                                   "concept given its name and keywords; validate and measure")
-    add_config_arguments(parser, ConceptConfig)
-    add_config_arguments(parser, ConceptSearch)
-    add_config_arguments(parser, SpecializeConfig)
-
-    def run(args: argparse.Namespace) -> None:
-        result = run_concept(config_from_args(ConceptConfig, args),
-                             config_from_args(ConceptSearch, args),
-                             special=config_from_args(SpecializeConfig, args))
-        print(result_table(result))
-        print(f"wrote {Path(args.out) / RESULT_JSON}")
-
-    parser.set_defaults(run=run)
-    return parser
-

@@ -55,10 +55,14 @@ def domain(**bounds: Any) -> dict:
     return {"domain": Domain(**bounds)}
 
 
-def setting(default: Any, help: str, **bounds: Any) -> Any:
+DEVICE_HELP = "cpu, cuda, cuda:1, mps ... (default: the best available)"
+
+
+def setting(default: Any, help: str, required: bool = False, **bounds: Any) -> Any:
     """A config field with its ``--help`` text and, optionally, its domain:
-    ``k: int = setting(32, "active latents per sample", ge=1)``."""
-    metadata = {"help": help, **(domain(**bounds) if bounds else {})}
+    ``k: int = setting(32, "active latents per sample", ge=1)``; ``required``: the command
+    line must give it."""
+    metadata = {"help": help, "required": required, **(domain(**bounds) if bounds else {})}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default),
                                  metadata=metadata)

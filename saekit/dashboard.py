@@ -8,16 +8,18 @@ with ``<``, ``>`` and ``&`` written as ``\\u003c`` etc., and is only ever read a
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from saekit import analyse, directions
 from saekit.analyse import Example, FeatureIndexError, QuantileBand
+from saekit.config import DEVICE_HELP, check_fields, setting
+from saekit.errors import ConfigError
 from saekit.formats import SAE_HELP
 
 CSS = """
@@ -69,6 +71,28 @@ INDEX_JS = """
   document.body.setAttribute("data-ready", "1");
 })();
 """
+
+
+@dataclass
+class DashboardConfig:
+    """What ``saekit dashboard`` writes (its flags are these fields)."""
+
+    sae: str = setting("", SAE_HELP, required=True)
+    activations: str | None = setting(None, "activation cache at the SAE's hook (or --dataset)")
+    dataset: str | None = setting(None, "corpus to capture into OUT/.activations: 'default', "
+                                  "a local file or a dataset name (or --activations)")
+    tokens: int = setting(200_000, "tokens to capture with --dataset", ge=1)
+    features: str = setting("0:100", "feature ids and ranges, e.g. 0:200,512 ('all': every one)")
+    out: str = setting("", "folder for index.html and the feature pages", required=True)
+    n_examples: int = setting(20, "top-activating examples per feature", ge=1)
+    max_rows: int | None = setting(None, "scan only the first rows of the cache", ge=1)
+    device: str | None = setting(None, DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if (self.activations is None) == (self.dataset is None):
+            raise ConfigError("saekit dashboard reads --activations CACHE or captures "
+                              "--dataset NAME: give exactly one of them.")
 
 
 def esc(text: object) -> str:
@@ -271,44 +295,3 @@ def parse_features(spec: str, d_sae: int) -> list[int]:
         raise FeatureIndexError(f"--features {spec!r} names feature {bad[0] if bad else 'none'}, "
                                 f"but the SAE has d_sae = {d_sae} features (0 to {d_sae - 1}).")
     return list(dict.fromkeys(ids))
-
-
-def run_dashboard(args: argparse.Namespace) -> None:
-    from saekit.cache import ActivationCache
-    from saekit.capture import CaptureConfig, capture_activations
-    from saekit.model import DEFAULT_MODEL, load_model
-    from saekit.formats import load_foreign_sae
-
-    sae = load_foreign_sae(args.sae, device=args.device)
-    features = parse_features(args.features, sae.d_sae)
-    meta = sae.cfg.metadata
-    model = load_model(meta.model_name or DEFAULT_MODEL, device=args.device)
-    if args.activations:
-        cache = ActivationCache.open(args.activations)
-    else:
-        config = CaptureConfig(model=meta.model_name or DEFAULT_MODEL,
-                               hooks=[analyse.model_hook(sae)], dataset=args.dataset,
-                               tokens=args.tokens, context=meta.context_size or 128)
-        cache = ActivationCache.open(capture_activations(config, Path(args.out) / ".activations",
-                                                         model=model))
-    out = write_dashboard(args.out, model, sae, cache, features, n_examples=args.n_examples,
-                          max_rows=args.max_rows)
-    print(f"wrote dashboards of {len(features)} features to {out / 'index.html'}")
-
-
-def register_cli(subparsers) -> None:
-    """Add ``saekit dashboard`` to the CLI's sub-parsers."""
-    parser = subparsers.add_parser("dashboard", help="write static HTML feature dashboards")
-    parser.add_argument("--sae", required=True, help=SAE_HELP)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--activations", help="activation cache at the SAE's hook")
-    source.add_argument("--dataset", help="corpus to capture into OUT/.activations ('default', "
-                        "a local file or a dataset name)")
-    parser.add_argument("--tokens", type=int, default=200_000, help="with --dataset (default: "
-                        "200000)")
-    parser.add_argument("--features", default="0:100", help="ids and ranges, e.g. 0:200,512")
-    parser.add_argument("--out", required=True, help="folder for index.html and feature pages")
-    parser.add_argument("--n-examples", type=int, default=20)
-    parser.add_argument("--max-rows", type=int, default=None, help="scan only the first rows")
-    parser.add_argument("--device", default=None)
-    parser.set_defaults(run=run_dashboard)

@@ -11,7 +11,6 @@ Bridge → measured rates. Selections are kept in ``OUT/concepts/`` and reused.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -278,13 +277,3 @@ def run_demo(config: DemoConfig) -> dict:
     write_json(out / "demo_summary.json", summary)
     print(f"\ndone in {summary['seconds']:.0f} s; summary in {out / 'demo_summary.json'}")
     return summary
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    from saekit.cli import add_config_arguments, config_from_args
-
-    parser = subparsers.add_parser("demo", help="the main job on the embedded default, "
-                                   "end to end (capture, SAE, concept search, steer, measure)")
-    add_config_arguments(parser, DemoConfig)
-    parser.set_defaults(run=lambda args: run_demo(config_from_args(DemoConfig, args)))
-    return parser

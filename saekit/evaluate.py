@@ -20,9 +20,9 @@ Definitions:
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.errors import SaekitError
 from saekit.files import atomic_path, check_writable, write_json
 from saekit.formats import SAE_HELP, load_foreign_sae
@@ -38,6 +39,26 @@ from saekit.sae import SAE
 DEAD_FREQUENCY = 1e-6
 DENSE_FREQUENCY = 0.1
 DEFAULT_EVAL_TOKENS = 65_536
+
+
+@dataclass
+class EvalConfig:
+    """What ``saekit eval`` measures (its flags are these fields; ``evaluate_sae`` runs it)."""
+
+    sae: str = setting("", SAE_HELP, required=True)
+    subfolder: str | None = setting(None, "folder of the SAE inside --sae")
+    dataset: str = setting("default", "corpus: 'default', a local file or a dataset name")
+    tokens: int = setting(DEFAULT_EVAL_TOKENS, "tokens to evaluate on", ge=2)
+    context: int = setting(128, "row length", ge=2)
+    out: str = setting("eval.json", "the report (JSON; the density plot goes next to it)")
+    seed: int = setting(0, "corpus shuffle seed")
+    batch_rows: int = setting(4, "rows per forward pass", ge=1)
+    model: str | None = setting(None, "model (default: the SAE's metadata, else gemma-3-270m)")
+    hook: str | None = setting(None, "hook (default: the SAE's metadata)")
+    device: str | None = setting(None, DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 KL_CHUNK = 256  # predictions per chunk when summing KL over a [n, vocab] pair
 
 
@@ -299,43 +320,3 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
     }
     write_json(out, report)
     return report
-
-
-def run_eval(args: argparse.Namespace) -> None:
-    report = evaluate_sae(args.sae, dataset=args.dataset, tokens=args.tokens,
-                          context=args.context, out=args.out, seed=args.seed,
-                          batch_rows=args.batch_rows, subfolder=args.subfolder,
-                          model_name=args.model, hook_name=args.hook, device=args.device,
-                          progress=True)
-    recovered = report["ce_loss_recovered"]
-    print(f"{report['architecture']} SAE (d_sae {report['d_sae']:,}) at {report['hook_name']} of "
-          f"{report['model']}, {report['tokens']:,} tokens of {report['dataset']}:\n"
-          f"  CE loss recovered {'n/a' if recovered is None else f'{recovered:.4f}'} (clean "
-          f"{report['ce_loss_clean']:.4f}, spliced {report['ce_loss_spliced']:.4f}, zero "
-          f"{report['ce_loss_zero']:.4f}; delta LM loss {report['delta_lm_loss']:+.4f}), "
-          f"KL {report['kl_div']:.4f}\n"
-          f"  FVU {report['fvu']:.4f}, L0 {report['l0']:.1f}, cosine {report['cosine']:.4f}, "
-          f"dead {100 * report['dead_fraction']:.1f}%, dense {100 * report['dense_fraction']:.1f}%"
-          f"\n  -> {args.out}, {report['density_plot']}")
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``saekit eval`` to the ``saekit`` sub-command parsers."""
-    parser = subparsers.add_parser(
-        "eval", help="evaluate an SAE: FVU, L0, density, CE loss recovered and KL when spliced")
-    parser.add_argument("--sae", required=True, help=SAE_HELP)
-    parser.add_argument("--subfolder", default=None, help="folder of the SAE inside --sae")
-    parser.add_argument("--dataset", default="default", help="corpus (default: 'default')")
-    parser.add_argument("--tokens", type=int, default=DEFAULT_EVAL_TOKENS,
-                        help=f"tokens to evaluate on (default: {DEFAULT_EVAL_TOKENS})")
-    parser.add_argument("--context", type=int, default=128, help="row length (default: 128)")
-    parser.add_argument("--out", default="eval.json", help="report (default: eval.json)")
-    parser.add_argument("--seed", type=int, default=0, help="corpus shuffle seed (default: 0)")
-    parser.add_argument("--batch-rows", dest="batch_rows", type=int, default=4,
-                        help="rows per forward pass (default: 4)")
-    parser.add_argument("--model", default=None,
-                        help="model (default: the SAE's metadata, else gemma-3-270m)")
-    parser.add_argument("--hook", default=None, help="hook (default: the SAE's metadata)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    parser.set_defaults(run=run_eval)
-    return parser

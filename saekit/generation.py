@@ -3,17 +3,44 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.formats import SAE_HELP
 from saekit.sae import SAE
 from saekit.steer import POSITIONS, Intervention, Positions, SteeringError, steer
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling and placement settings shared by ``saekit steer`` and ``saekit steer-eval``."""
+
+    max_new_tokens: int = setting(30, "tokens to generate", ge=1)
+    temperature: float = setting(0.7, "sampling temperature (0: greedy)", ge=0)
+    seed: int = setting(0, "sampling seed")
+    positions: str = setting("all", "where edits apply: every position, or generated tokens "
+                             "only", choices=POSITIONS)
+    device: str | None = setting(None, DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass
+class SteerConfig(GenerationConfig):
+    """What ``saekit steer`` generates: text with one SAE feature clamped."""
+
+    sae: str = setting("", SAE_HELP, required=True)
+    feature: int = setting(None, "latent index", required=True, ge=0)
+    value: float = setting(None, "clamp value, in the SAE's activation units", required=True)
+    prompt: str = setting("", "the text to continue", required=True)
+    compare: bool = setting(False, "also generate the unsteered text")
 
 
 def model_device(model) -> torch.device:
@@ -136,39 +163,3 @@ def load_sae_and_model(sae_dir: str, device: str | None = None):
     sae = load_foreign_sae(sae_dir, device=device)
     model = load_model(sae.cfg.metadata.model_name or DEFAULT_MODEL, device=device)
     return sae, model
-
-
-def run_steer(args: argparse.Namespace) -> None:
-    sae, model = load_sae_and_model(args.sae, args.device)
-    common = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-              "seed": args.seed, "positions": args.positions}
-    steered = generate(model, args.prompt, sae, clamp={args.feature: args.value}, **common)
-    print(f"=== steered: clamp feature {args.feature} = {args.value:g} at "
-          f"{sae.cfg.metadata.hook_name} (seed {args.seed}) ===")
-    print(args.prompt + steered)
-    if args.compare:
-        print(f"=== unsteered (seed {args.seed}) ===")
-        print(args.prompt + generate(model, args.prompt, **common))
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``saekit steer`` to the CLI's sub-parsers."""
-    parser = subparsers.add_parser("steer", help="generate text with one SAE feature clamped")
-    parser.add_argument("--sae", required=True, help=SAE_HELP)
-    parser.add_argument("--feature", type=int, required=True, help="latent index")
-    parser.add_argument("--value", type=float, required=True,
-                        help="clamp value, in the SAE's activation units")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--compare", action="store_true", help="also print the unsteered text")
-    add_generation_arguments(parser)
-    parser.set_defaults(run=run_steer)
-    return parser
-
-
-def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """The sampling and placement flags shared by ``saekit steer`` and ``saekit steer-eval``."""
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--positions", choices=POSITIONS, default="all")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")

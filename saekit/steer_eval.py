@@ -8,20 +8,21 @@ text (KL). ``steering_curve`` returns the numbers and, given ``out``, writes
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from saekit.config import setting
 from saekit.files import atomic_path, check_writable, write_json
 from saekit.formats import SAE_HELP
 from saekit.sae import SAE
-from saekit.generation import (add_generation_arguments, load_sae_and_model, sample_tokens,
+from saekit.generation import (GenerationConfig, sample_tokens,
                                stop_token_ids)
 from saekit.steer import Intervention, OnRows, Positions, SteeringError, steer
 
@@ -318,62 +319,34 @@ def plot_curve(result: dict, path: str | Path) -> None:
     fig.savefig(path, format="png", dpi=120)
 
 
-# --- command line ----------------------------------------------------------------------------
+@dataclass
+class SteerEvalConfig(GenerationConfig):
+    """What ``saekit steer-eval`` measures: one feature's steering curve over clamp values."""
 
-def parse_floats(text: str) -> list[float]:
-    """``"0,2,4.5"`` → [0.0, 2.0, 4.5]."""
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
-            from None
+    sae: str = setting("", SAE_HELP, required=True)
+    feature: int = setting(None, "latent index", required=True, ge=0)
+    concept: str = setting("", "comma-separated keywords, e.g. 'Golden Gate,San Francisco,"
+                           "bridge*'", required=True)
+    values: list[float] = setting([], "clamp values (negative: --values=-4,0,4)",
+                                  required=True)
+    values_relative: bool = setting(False, "values are multiples of --max-activation")
+    max_activation: float | None = setting(None, "the feature's max activation (for "
+                                           "--values-relative)")
+    prompts: str | None = setting(None, "file with one prompt per line (default: the shipped "
+                                  "neutral prompts)")
+    neutral: str | None = setting(None, "file of neutral texts for the KL (default: the "
+                                  "shipped neutral prompts)")
+    out: str = setting("", "folder for the JSON and PNG", required=True)
+    samples_per_prompt: int = setting(4, "generations per prompt", ge=1)
 
-
-def run_steer_eval(args: argparse.Namespace) -> None:
-    values = args.values
-    if args.values_relative:
-        if args.max_activation is None or not args.max_activation > 0:
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.values_relative and not (self.max_activation or 0) > 0:
             raise SteeringError("--values-relative needs --max-activation A > 0 (the feature's "
                                 "max activation): values are then multiples of A.")
-        values = [v * args.max_activation for v in values]
-    prompts = read_prompts(args.prompts)
-    neutral = read_prompts(args.neutral) if args.neutral else None
-    concept = [c for c in args.concept.split(",") if c.strip()]
-    sae, model = load_sae_and_model(args.sae, args.device)
-    result = steering_curve(model, sae, args.feature, values, prompts, concept,
-                            max_new_tokens=args.max_new_tokens,
-                            samples_per_prompt=args.samples_per_prompt,
-                            temperature=args.temperature, seed=args.seed, neutral_texts=neutral,
-                            positions=args.positions, out=args.out)
-    print(f"{'clamp':>10} {'mention':>8} {'perplexity':>11} {'KL neutral':>11}")
-    rows = ([("unsteered", result["baseline"])] if result["baseline"] else []) + \
-        [(f"{row['value']:g}", row) for row in result["curve"]]
-    for label, row in rows:
-        ppl = f"{row['perplexity']:.2f}" if row["perplexity"] is not None else "-"
-        print(f"{label:>10} {row['mention_rate']:>8.2f} {ppl:>11} {row['kl_neutral']:>11.4f}")
-    print(f"wrote {Path(args.out) / RESULT_JSON} and {Path(args.out) / RESULT_PNG}")
 
+    def clamp_values(self) -> list[float]:
+        """``values`` in activation units."""
+        scale = self.max_activation if self.values_relative else 1.0
+        return [v * scale for v in self.values]
 
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``saekit steer-eval`` to the CLI's sub-parsers."""
-    parser = subparsers.add_parser("steer-eval", help="measure steering by one feature over "
-                                   "clamp values: concept mentions, perplexity, KL")
-    parser.add_argument("--sae", required=True, help=SAE_HELP)
-    parser.add_argument("--feature", type=int, required=True, help="latent index")
-    parser.add_argument("--concept", required=True,
-                        help="comma-separated keywords, e.g. 'Golden Gate,San Francisco,bridge*'")
-    parser.add_argument("--values", type=parse_floats, required=True,
-                        help="comma-separated clamp values (negative: --values=-4,0,4)")
-    parser.add_argument("--values-relative", action="store_true",
-                        help="values are multiples of --max-activation")
-    parser.add_argument("--max-activation", type=float, default=None,
-                        help="the feature's max activation (for --values-relative)")
-    parser.add_argument("--prompts", default=None,
-                        help="file with one prompt per line (default: shipped neutral prompts)")
-    parser.add_argument("--neutral", default=None,
-                        help="file of neutral texts for the KL (default: shipped neutral prompts)")
-    parser.add_argument("--out", required=True, help="folder for the JSON and PNG")
-    parser.add_argument("--samples-per-prompt", type=int, default=4)
-    add_generation_arguments(parser)
-    parser.set_defaults(run=run_steer_eval)
-    return parser

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 import torch
 
+from saekit.cli import build_parser
 from saekit.evaluate import (EvaluationError, ce_loss_recovered, density_histogram,
-                             downstream_metrics, reconstruction_metrics, register_cli)
+                             downstream_metrics, reconstruction_metrics)
 from saekit.sae import ReLUSAE, sae_config, SAEMetadata, TopKSAE
 
 HOOK = "blocks.6.hook_resid_post"
@@ -128,8 +128,7 @@ def test_eval_cli(model, rows, tmp_path, monkeypatch, capsys):
     loaded = []
     monkeypatch.setattr("saekit.model.load_model",
                         lambda name, device=None: loaded.append(name) or model)
-    parser = argparse.ArgumentParser(prog="saekit")
-    register_cli(parser.add_subparsers(dest="command", required=True))
+    parser = build_parser()
     out = tmp_path / "report" / "eval.json"
     args = parser.parse_args(["eval", "--sae", str(tmp_path / "sae"), "--tokens", "256",
                               "--context", "64", "--out", str(out)])

@@ -19,14 +19,21 @@ from saekit.config import flag_name
 from saekit.errors import ConfigError, SaekitError
 from saekit.sae import ARCHITECTURES, SAEMetadata, TopKSAE, load_sae, sae_config
 from saekit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME
+from saekit.dashboard import DashboardConfig
+from saekit.evaluate import EvalConfig
+from saekit.generation import SteerConfig
+from saekit.steer_eval import SteerEvalConfig
 from saekit.train import TrainConfig, truncate_metrics
 
 
 def run_raising(monkeypatch, error: BaseException, argv=("hooks",)) -> int:
-    def boom(args):
+    from saekit import commands
+
+    def boom(config):
         raise error
 
-    monkeypatch.setattr(cli, "run_hooks", boom)
+    monkeypatch.setattr(commands, "COMMANDS", tuple(
+        dataclasses.replace(c, run=boom) if c.name == argv[0] else c for c in commands.COMMANDS))
     return cli.main(list(argv))
 
 
@@ -87,8 +94,11 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-CONFIGS = [CaptureConfig, TrainConfig, *(sae_class.config_class for sae_class in
-                                         ARCHITECTURES.values())]
+CONFIGS = [CaptureConfig, TrainConfig, EvalConfig, DashboardConfig, SteerConfig,
+           SteerEvalConfig, *(sae_class.config_class for sae_class in ARCHITECTURES.values())]
+# the other fields' values while one field is walked (required ones have no usable default)
+VALID = {DashboardConfig: {"dataset": "default"}, SteerConfig: {"feature": 0, "value": 1.0},
+         SteerEvalConfig: {"feature": 0, "values": [1.0]}}
 HOSTILE = [0, -1, 1.5, float("nan"), float("inf"), float("-inf"), 10 ** 30, "x", None, True]
 
 
@@ -103,7 +113,7 @@ def test_every_config_field_rejects_hostile_values_cleanly(config_class):
         for value in HOSTILE:
             given = [value] if typing.get_origin(hints[f.name]) is list else value
             try:
-                config = config_class(**{f.name: given})
+                config = config_class(**{**VALID.get(config_class, {}), f.name: given})
             except ConfigError as err:
                 assert flag_name(f) in str(err), (f.name, value, err)
                 continue

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib
 
 import pytest
 import torch
 
+from saekit.cli import build_parser
 from saekit import HookNameError
 from saekit.sae import sae_config, SAEMetadata, TopKSAE
 from saekit.directions import mean_difference_direction
-from saekit.generation import generate, register_cli, sample_tokens
+from saekit.generation import generate, sample_tokens
 from saekit.steer import Intervention, PositionTracker, SteeringError, SteeringVector, steer
 
 HOOK = "blocks.6.hook_resid_post"
@@ -172,8 +172,7 @@ def test_generate_is_seeded_and_a_huge_clamp_changes_the_text(model, sae):
 def test_cli_prints_steered_and_unsteered(model, sae, monkeypatch, capsys):
     generation = importlib.import_module("saekit.generation")
     monkeypatch.setattr(generation, "load_sae_and_model", lambda folder, device: (sae, model))
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["steer", "--sae", "unused", "--feature", "3", "--value", str(BIG),
                               "--prompt", PROMPT, "--compare", "--max-new-tokens", "2"])
     args.run(args)

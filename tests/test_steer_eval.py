@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from saekit.cli import build_parser
 from saekit.sae import sae_config, SAEMetadata, TopKSAE
 from saekit.steer import Intervention, SteeringError, SteeringVector
 from saekit.steer_eval import (RESULT_JSON, RESULT_PNG, keyword_pattern, mention_rate,
-                               read_prompts, register_cli, steering_curve, steering_sweep)
+                               read_prompts, steering_curve, steering_sweep)
 
 HOOK = "blocks.6.hook_resid_post"
 CONCEPT = ["Golden Gate", "San Francisco", "bridge"]
@@ -87,8 +87,7 @@ def test_steering_sweep_measures_vectors_and_features_alike(model, sae):
 
 
 def test_cli_values_relative_needs_max_activation(tmp_path):
-    parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(["steer-eval", "--sae", "unused", "--feature", "3", "--concept",
                               "bridge", "--values=-1,2", "--values-relative", "--out",
                               str(tmp_path)])
