@@ -339,9 +339,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"target met (>= 50% at <= {args.max_perplexity_ratio:g}x perplexity, unsteered "
           f"< 5%) for {len(summary['concepts_meeting_target'])} of {len(corpus)} corpus "
           f"concepts: {summary['concepts_meeting_target']}")
+    print(markdown_table(results))
     print(f"keyword vs probe: {summary['keyword_probe_agreement']}, rate correlation "
           f"{summary['keyword_probe_rate_correlation']:.2f}")
     return data
+
+
+def markdown_table(results: dict) -> str:
+    """One row per concept: each method's best mention rate within the perplexity budget (the
+    probe rate of that setting in brackets), and the features the SAE methods used."""
+    head = ("| concept | unsteered | SAE clamp | SAE add | mean-difference | prompting | "
+            "features (chosen automatically) |")
+    lines = [head, "|" + "---|" * 7]
+    for name, result in results.items():
+        cells = []
+        for method in METHODS:
+            best = result["best"][method]
+            probe = (best or {}).get("probe_rate")
+            cells.append("none" if best is None else f"{100 * best['mention_rate']:.0f}%"
+                         + ("" if probe is None else f" ({100 * probe:.0f}%)"))
+        base = result["unsteered"]
+        features = result["features"]
+        shown = ", ".join(map(str, features[:3])) + (f", ... ({len(features)})"
+                                                      if len(features) > 3 else "")
+        lines.append(f"| {name} | {100 * base['mention_rate']:.0f}% | " + " | ".join(cells)
+                     + f" | {shown} |")
+    return "\n".join(lines)
 
 
 def _mean(values: Sequence[float]) -> float:
