@@ -347,7 +347,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def markdown_table(results: dict) -> str:
     """One row per concept: each method's best mention rate within the perplexity budget (the
-    probe rate of that setting in brackets), and the features the SAE methods used."""
+    probe rate of that setting in brackets, starred where an earlier probe scored it), and the
+    features the SAE methods used."""
     head = ("| concept | unsteered | SAE clamp | SAE add | mean-difference | prompting | "
             "features (chosen automatically) |")
     lines = [head, "|" + "---|" * 7]
@@ -356,8 +357,9 @@ def markdown_table(results: dict) -> str:
         for method in METHODS:
             best = result["best"][method]
             probe = (best or {}).get("probe_rate")
+            old = result["probe"].get("method") != PROBE_METHOD  # an earlier, other probe
             cells.append("none" if best is None else f"{100 * best['mention_rate']:.0f}%"
-                         + ("" if probe is None else f" ({100 * probe:.0f}%)"))
+                         + ("" if probe is None else f" ({100 * probe:.0f}%{'*' * old})"))
         base = result["unsteered"]
         features = result["features"]
         shown = ", ".join(map(str, features[:3])) + (f", ... ({len(features)})"

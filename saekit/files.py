@@ -49,8 +49,9 @@ def check_writable(path: str | Path, folder: bool = False) -> None:
 @contextmanager
 def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
     """Hold an advisory lock on the output ``folder`` (created if missing) while a run writes
-    there; a second run on the same folder is refused at once. The lock file is removed when
-    the run ends, and so are the folders this call created if the run left them empty."""
+    there; a second run on the same folder is refused at once. The folders this call created
+    are removed again if the run left them empty (the lock file of a folder that existed stays:
+    removing a lock file others may have opened would let two runs in)."""
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
@@ -64,14 +65,16 @@ def output_lock(folder: str | Path, command: str) -> Iterator[Path]:
     try:
         yield folder
     finally:
-        # removed while still held: a run that opened the file before cannot lock it (it does
-        # not wait), and a later one makes a new file
-        (folder / LOCK_FILE).unlink(missing_ok=True)
-        for made in created:
-            if any(made.iterdir()):
-                break
-            made.rmdir()
-        lock.release()
+        try:
+            # removed while still held, so that no other run can lock the file being removed
+            if created and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
+                (folder / LOCK_FILE).unlink(missing_ok=True)
+                for made in created:
+                    made.rmdir()  # stops (OSError) at the first folder holding something
+        except OSError:
+            pass
+        finally:
+            lock.release()
 
 
 @contextmanager

@@ -102,17 +102,18 @@ class TrainConfig:
         skip = {"device", "wandb", "log_every", "checkpoint_every", "out", "options"}
         key = {k: v for k, v in asdict(self).items() if k not in skip}
         key["activations"] = str(Path(self.activations).resolve()) if self.activations else ""
-        key["sweep"] = {arch: {f.name: self.options.get(f.name, [f.default])
-                               for f in fields(ARCHITECTURES[arch].config_class)}
-                        for arch in self.arch}
+        key["sweep"] = {arch: {f.name: self.options.get(f.name, [getattr(defaults, f.name)])
+                               for f in fields(defaults)}
+                        for arch in self.arch
+                        for defaults in [ARCHITECTURES[arch].config_class()]}
         return key
 
 
 def train_config(**settings: Any) -> TrainConfig:
     """A TrainConfig with the run's fields and architecture settings given alike by name:
     ``train_config(activations="cache", out="saes", arch=["topk"], k=[16, 32], aux_k=[256])``."""
-    own = {f.name for f in fields(TrainConfig)}
-    options = {k: v for k, v in settings.items() if k not in own}
+    own = {f.name for f in fields(TrainConfig)} - {"options"}
+    options = {k: v for k, v in settings.items() if k not in own and k != "options"}
     return TrainConfig(**{k: v for k, v in settings.items() if k in own},
                        options={**settings.get("options", {}), **options})
 
@@ -131,7 +132,13 @@ def _sweep_lists(options: Any, archs: list[str]) -> dict[str, list]:
             raise ConfigError(f"--{name.replace('_', '-')} is {where}, and this run trains "
                               f"{', '.join(archs)}; add the architecture with --arch or drop "
                               f"the flag.")
-    return {name: list(v) if isinstance(v, (list, tuple)) else [v] for name, v in options.items()}
+    return {name: [_plain(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+            for name, v in options.items()}
+
+
+def _plain(value: Any) -> Any:
+    """numpy numbers as Python ones (checkpoints load only plain types)."""
+    return value.item() if hasattr(value, "item") and hasattr(value, "dtype") else value
 
 
 def sweep_configs(config: TrainConfig, d_in: int, metadata: SAEMetadata) -> dict[str, SAEConfig]:
@@ -382,7 +389,7 @@ def train(config: TrainConfig) -> dict[str, Path]:
         if ranks.rank == 0:  # only rank 0 writes, and holds the folder's lock
             try:
                 stack.enter_context(output_lock(config.out, "train"))
-            except FolderInUseError as err:
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks learn
                 refused = err
         # every rank learns whether rank 0 got the lock, so none waits in a collective for it
         if not ranks.all_true(refused is None, device):

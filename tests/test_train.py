@@ -256,3 +256,13 @@ def test_checkpoints_from_before_architecture_options_still_resume():
         "k": [8], "l1_coefficient": [2.0], "l0_coefficient": [1.0], "aux_coefficient": 1 / 32}
     _upgrade_legacy_sweep(legacy)
     assert legacy == today
+
+
+def test_numpy_sweep_values_and_options_by_keyword():
+    """Review: numpy values in a sweep reached the checkpoint key (which then would not load);
+    ``options=`` given to the helpers collided with the settings given by name."""
+    import numpy as np
+
+    config = train_config(activations="a", options={"k": [np.int64(16)]}, aux_k=[np.int64(64)])
+    key = config.resume_key()["sweep"]["topk"]
+    assert key["k"] == [16] and type(key["k"][0]) is int and key["aux_k"] == [64]

@@ -141,6 +141,9 @@ class SAEConfig:
         top["dtype"] = str(top.get("dtype", "float32")).removeprefix("torch.")
         if "saekit" not in data:  # SAELens's own default, not the architecture's
             top.setdefault("apply_b_dec_to_input", True)
+            if architecture in ("topk", "batchtopk") and "k" not in top:
+                raise SAEConfigError(f"cfg.json is a SAELens {saelens_name} SAE without k "
+                                     "(active latents per token); add it.")
         values = {**own, **top}
         option_names = {f.name for f in fields(ARCHITECTURES[architecture].config_class)}
         common = {f.name for f in fields(cls)} - {"architecture", "metadata", "options"}
@@ -156,7 +159,7 @@ def architecture_options(architecture: str, options: Any = None) -> Any:
     config_class = ARCHITECTURES[architecture].config_class
     if options is None:
         return config_class()
-    if isinstance(options, config_class):
+    if type(options) is config_class:
         return options
     if not isinstance(options, dict):
         raise SAEConfigError(f"options of a {architecture} SAE must be a "
@@ -172,8 +175,9 @@ def architecture_options(architecture: str, options: Any = None) -> Any:
 def sae_config(architecture: str, d_in: int, d_sae: int, **settings: Any) -> SAEConfig:
     """An SAEConfig with shared fields and the architecture's own settings given alike by name:
     ``sae_config("topk", 640, 16384, k=32, dtype="bfloat16")``."""
-    shared = {f.name for f in fields(SAEConfig)}
-    options = {k: v for k, v in settings.items() if k not in shared}
+    shared = {f.name for f in fields(SAEConfig)} - {"options"}
+    options = {**settings.pop("options", {}), **{k: v for k, v in settings.items()
+                                                   if k not in shared}}
     return SAEConfig(architecture, d_in, d_sae, options=options,
                      **{k: v for k, v in settings.items() if k in shared})
 

@@ -88,7 +88,7 @@ class JumpReLUConfig:
     jumprelu_init_threshold: float = setting(0.01, "initial threshold, and the floor of the "
                                              "data-set thresholds", gt=0)
     jumprelu_init_l0: int | None = setting(64, "start the thresholds where the data gives this "
-                                           "L0 (None: all at the initial threshold)", ge=1)
+                                           "L0 (0: all at the initial threshold)", ge=0)
     jumprelu_threshold_lr_scale: float = setting(30.0, "learning-rate multiplier of the "
                                                  "log-thresholds", gt=0)
     aux_coefficient: float = setting(1 / 32, "weight of the dead latents' pre-activation loss "
