@@ -9,7 +9,6 @@ default size, or its bigger size with ``--full``. Trained SAEs go under ``OUT/sa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import hashlib
 import json
@@ -32,7 +31,7 @@ from saekit.analyse import feature_statistics
 from saekit.cache import ActivationCache, ActivationStream
 from saekit.directions import search_features
 from saekit.files import atomic_path, write_json
-from saekit.sae import SAE, SAEMetadata, architecture_settings
+from saekit.sae import SAE, SAEMetadata, settings_of
 from saekit.train import (CHECKPOINT, TrainConfig, open_stream, sweep_configs, train,
                           train_config as make_train_config)
 
@@ -131,12 +130,9 @@ def train_config(args: argparse.Namespace, **fields: Any) -> TrainConfig:
             "holdout_tokens": args.holdout_tokens, "hook": args.hook, "seed": args.seed,
             "device": args.device, "checkpoint_every": CHECKPOINT_EVERY}
     settings = {**base, **fields}
-    archs = settings.get("arch", TrainConfig().arch)
-    owned = {name for name, owners in architecture_settings().items()
-             if {arch for arch, _ in owners} & set(archs)}
-    own = {f.name for f in dataclasses.fields(TrainConfig)}
-    # the common --k applies only where a trained architecture takes it
-    return make_train_config(**{k: v for k, v in settings.items() if k in own or k in owned})
+    if "k" not in fields and "k" not in settings_of(settings.get("arch", TrainConfig().arch)):
+        del settings["k"]  # the common --k applies only where a trained architecture takes it
+    return make_train_config(**settings)
 
 
 def train_saes(args: argparse.Namespace, tag: str, **fields: Any) -> dict[str, Path]:

@@ -15,7 +15,7 @@ from saekit.concept import ConceptSearch
 from saekit.concept_run import ConceptConfig
 from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.dashboard import DashboardConfig
-from saekit.demo import DemoConfig
+from saekit.demo import DemoConfig, run_demo
 from saekit.errors import ConfigError
 from saekit.evaluate import EvalConfig
 from saekit.generation import SteerConfig
@@ -182,12 +182,6 @@ def run_concept_command(config: ConceptConfig, search: ConceptSearch,
     print(f"wrote {Path(config.out) / RESULT_JSON}")
 
 
-def run_demo_command(config: DemoConfig) -> None:
-    from saekit.demo import run_demo
-
-    run_demo(config)
-
-
 COMMANDS = (
     Command("cache", "capture activations of a model over a corpus",
             (CaptureConfig, CacheOutput), run_cache),
@@ -204,5 +198,5 @@ COMMANDS = (
             "keywords; validate and measure", (ConceptConfig, ConceptSearch, SpecializeConfig),
             run_concept_command),
     Command("demo", "the main job on the embedded default, end to end (capture, SAE, concept "
-            "search, steer, measure)", (DemoConfig,), run_demo_command),
+            "search, steer, measure)", (DemoConfig,), run_demo),
 )

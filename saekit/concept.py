@@ -174,15 +174,18 @@ def screen_directions(model, hook: str, directions: Tensor, norms: Sequence[floa
 
 
 @torch.inference_mode()
+def window_activation(model, hook: str, window: Tensor) -> Tensor:
+    """Activations at ``hook`` of one token window ``[len]``, read after BOS (BOS dropped):
+    ``[len, d_model]`` float32 on the CPU."""
+    bos = torch.tensor([model.tokenizer.bos_token_id])
+    ids = torch.cat([bos, window.cpu()])[None].to(next(model.parameters()).device)
+    return model_activations(model, hook, ids)[0, 1:].float().cpu()
+
+
 def window_activations(model, hook: str, windows: Sequence[Tensor]) -> Tensor:
-    """Activations at ``hook`` of each token window (run with BOS first, BOS dropped),
-    concatenated: ``[tokens, d_model]``."""
-    bos = model.tokenizer.bos_token_id
-    device = next(model.parameters()).device
-    out = []
-    for window in windows:
-        ids = torch.cat([torch.tensor([bos]), window.cpu()])[None].to(device)
-        out.append(model_activations(model, hook, ids)[0, 1:].float().cpu())
+    """Activations at ``hook`` of each token window (``window_activation``), concatenated:
+    ``[tokens, d_model]``."""
+    out = [window_activation(model, hook, window) for window in windows]
     if not out:
         raise ConceptError("No concept texts to read activations from.")
     return torch.cat(out)

@@ -100,16 +100,11 @@ def ordinary_windows(tokens: Tensor, mentions: Sequence[tuple[int, int, int]], n
     return out
 
 
-@torch.inference_mode()
 def pooled_activations(model, hook: str, windows: Sequence[Tensor]) -> Tensor:
     """Mean activation at ``hook`` of each window, read after BOS: ``[n_windows, d_model]``."""
-    bos = model.tokenizer.bos_token_id
-    device = next(model.parameters()).device
-    out = []
-    for window in windows:
-        ids = torch.cat([torch.tensor([bos]), window.cpu()])[None].to(device)
-        out.append(model_activations(model, hook, ids)[0, 1:].float().mean(0).cpu())
-    return torch.stack(out)
+    from saekit.concept import window_activation
+
+    return torch.stack([window_activation(model, hook, window).mean(0) for window in windows])
 
 
 def fit_concept_probe(model, concept: Sequence[Tensor], ordinary: Sequence[Tensor],

@@ -30,7 +30,8 @@ from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError
 from saekit.evaluate import reconstruction_metrics
 from saekit.files import FolderInUseError, atomic_path, output_lock, write_json
 from saekit.model import default_device
-from saekit.sae import ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings
+from saekit.sae import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings,
+                        settings_of)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -124,10 +125,10 @@ def _sweep_lists(options: Any, archs: list[str]) -> dict[str, list]:
     if not isinstance(options, dict):
         raise ConfigError(f"TrainConfig.options maps architecture settings to the values to "
                           f"sweep, e.g. {{'k': [16, 32]}}; got {options!r}.")
-    settings = architecture_settings()
+    settings, taken = architecture_settings(), settings_of(archs)
     for name in options:
         owners = [arch for arch, _ in settings.get(name, [])]
-        if not set(owners) & set(archs):
+        if name not in taken:
             where = f"a setting of {', '.join(owners)}" if owners else "no architecture's setting"
             raise ConfigError(f"--{name.replace('_', '-')} is {where}, and this run trains "
                               f"{', '.join(archs)}; add the architecture with --arch or drop "
@@ -292,9 +293,8 @@ def _upgrade_legacy_sweep(saved: dict) -> None:
     if "sweep" in saved or not legacy:
         return
     archs = saved.get("arch", [])
-    owned = {name for name, owners in architecture_settings().items()
-             if {arch for arch, _ in owners} & set(archs)}
-    options = {name: value for name, value in legacy.items() if name in owned}
+    taken = settings_of(archs)
+    options = {name: value for name, value in legacy.items() if name in taken}
     saved["sweep"] = TrainConfig(arch=archs, options=options).resume_key()["sweep"]
 
 

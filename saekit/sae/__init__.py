@@ -11,7 +11,8 @@ Adding an architecture: a file here with its config dataclass (fields made with
 """
 
 from saekit.sae.base import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, TrainStep,
-                             architecture_options, architecture_settings, load_sae, sae_config)
+                             architecture_options, architecture_settings, load_sae, sae_config,
+                             settings_of)
 from saekit.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
 from saekit.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
 from saekit.sae.matryoshka import MatryoshkaConfig, MatryoshkaSAE
@@ -19,6 +20,6 @@ from saekit.sae.relu import ReLUConfig, ReLUSAE
 from saekit.sae.topk import TopKConfig, TopKSAE
 
 __all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "SAEMetadata", "TrainStep", "load_sae",
-           "sae_config", "architecture_options", "architecture_settings",
+           "sae_config", "architecture_options", "architecture_settings", "settings_of",
            "ReLUSAE", "ReLUConfig", "TopKSAE", "TopKConfig", "BatchTopKSAE", "BatchTopKConfig",
            "JumpReLUSAE", "JumpReLUConfig", "MatryoshkaSAE", "MatryoshkaConfig"]

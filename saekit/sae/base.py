@@ -18,6 +18,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -180,6 +181,12 @@ def sae_config(architecture: str, d_in: int, d_sae: int, **settings: Any) -> SAE
                                                    if k not in shared}}
     return SAEConfig(architecture, d_in, d_sae, options=options,
                      **{k: v for k, v in settings.items() if k in shared})
+
+
+def settings_of(architectures: Sequence[str]) -> set[str]:
+    """Names of the settings at least one of ``architectures`` takes."""
+    return {name for name, owners in architecture_settings().items()
+            if {arch for arch, _ in owners} & set(architectures)}
 
 
 def architecture_settings() -> dict[str, list[tuple[str, Any]]]:

@@ -25,7 +25,7 @@ from saekit.config import setting
 from saekit.errors import SAEConfigError
 from saekit.sae.base import SAEConfig
 from saekit.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
-from saekit.sae.kernels import BatchSum, reconstruction_losses, sparse_decode
+from saekit.sae.kernels import BatchSum, reconstruction_losses, sparse_decode, total_variance
 
 
 @dataclass
@@ -68,14 +68,19 @@ class MatryoshkaSAE(BatchTopKSAE):
                      batch_sum: BatchSum) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         # each prefix adds its own latents' decode to the previous prefix's reconstruction
         x_hat = self.b_dec.expand_as(x)
+        variance = total_variance(x, batch_sum)
         start, prefix_fvus = 0, []
-        for width in self.widths:
+        for width in self.widths[:-1]:
             group = (cols >= start) & (cols < width)
             x_hat = x_hat + sparse_decode(self.W_dec, rows[group], cols[group], vals[group],
                                           x.shape[0])
-            prefix_fvus.append(reconstruction_losses(x, x_hat, batch_sum)["fvu"])
+            prefix_fvus.append(batch_sum((x - x_hat).pow(2).sum()) / variance)
             start = width
+        group = cols >= start
+        x_hat = x_hat + sparse_decode(self.W_dec, rows[group], cols[group], vals[group],
+                                      x.shape[0])
         losses = reconstruction_losses(x, x_hat, batch_sum)
+        prefix_fvus.append(losses["fvu"])
         objective = torch.stack(prefix_fvus).mean()
         losses["prefix_fvu"] = prefix_fvus[0]  # the smallest prefix alone
         return x_hat, losses, objective
