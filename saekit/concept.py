@@ -38,6 +38,7 @@ from torch import Tensor
 
 from saekit.analyse import FeatureStatistics, model_activations, model_hook
 from saekit.concept_texts import ConceptError, ConceptTexts
+from saekit.config import check_fields, setting
 from saekit.directions import search_features
 from saekit.steer import Intervention, SteeringVector, steer
 from saekit.steer_eval import read_prompts, steering_sweep
@@ -50,21 +51,30 @@ BENCHMARK_CONCEPTS = Path(__file__).parent / "data" / "benchmark_concepts.json"
 class ConceptSearch:
     """How hard to look. Strengths are edit norms relative to ``residual_scale``."""
 
-    candidates_per_ranking: int = 12
-    # sizes of the sets of best-screened features validated together (1: the best alone)
-    groups: list[int] = field(default_factory=lambda: [1, 3, 10])
+    candidates_per_ranking: int = setting(12, "candidate features from each of the three "
+                                              "rankings (output, input, alignment)", ge=1)
+    groups: list[int] = setting([1, 3, 10], "sizes of the sets of best-screened features "
+                                "validated together (1: the best alone)", ge=1)
     # measured on cheese and wine at layer 6: 0.35x already triples perplexity for most features
-    strengths: list[float] = field(default_factory=lambda: [0.1, 0.15, 0.2, 0.3])
-    # edit sizes of the forward-pass screen, larger than those validated: screened at 0.15x and
-    # 0.2x, the top cheese features never said "cheese" (benchmark v3: 0%); at 0.35x and 0.5x
-    # they did (v2: 40%)
-    screen_strengths: list[float] = field(default_factory=lambda: [0.35, 0.5])
-    max_new_tokens: int = 32
-    samples_per_prompt: int = 2  # per validation prompt
-    temperature: float = 0.7
-    max_perplexity_ratio: float = 3.0
-    target_rate: float = 0.5
-    seed: int = 0
+    strengths: list[float] = setting([0.1, 0.15, 0.2, 0.3], "validated edit norms, x the "
+                                     "residual stream's typical centred norm", gt=0)
+    # larger than those validated: screened at 0.15x and 0.2x, the top cheese features never
+    # said "cheese" (benchmark v3: 0%); at 0.35x and 0.5x they did (v2: 40%)
+    screen_strengths: list[float] = setting([0.35, 0.5], "edit norms of the forward-pass "
+                                            "screen, x the residual scale", gt=0)
+    max_new_tokens: int = setting(32, "new tokens per generation", ge=1)
+    samples_per_prompt: int = setting(2, "generations per validation prompt", ge=1)
+    temperature: float = setting(0.7, "sampling temperature (0: greedy)", ge=0)
+    max_perplexity_ratio: float = setting(3.0, "perplexity budget: x the unsteered "
+                                          "perplexity", gt=0)
+    target_rate: float = setting(0.5, "mention rate that counts as success", gt=0, le=1)
+    seed: int = setting(0, "seed of the sampling and of the text sample")
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConceptError)
+        for what in ("groups", "strengths", "screen_strengths"):
+            if not getattr(self, what):
+                raise ConceptError(f"--{what.replace('_', '-')} needs at least one value.")
 
 
 @dataclass

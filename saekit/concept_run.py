@@ -9,13 +9,13 @@ writes ``OUT/concept.json`` (see ``saekit.concept.find_concept_steering``) and p
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
 from saekit.concept import ConceptSearch, find_concept_steering
 from saekit.concept_texts import ConceptError, keyword_list
+from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.corpus import DEFAULT_CORPUS
 from saekit.files import check_writable
 from saekit.specialize import SpecializeConfig
@@ -27,20 +27,27 @@ RESULT_JSON = "concept.json"
 class ConceptConfig:
     """What ``saekit concept`` runs. Its flags are these fields (and ``ConceptSearch``'s)."""
 
-    sae: str = ""  # SAE folder or hub id, any layout saekit.formats reads
-    name: str = ""  # the concept's name, e.g. volcano
-    keywords: list[str] = field(default_factory=list)  # words that mention it
-    out: str = ""  # folder for concept.json
-    activations: str = ""  # activation cache to search (else --dataset and --tokens)
-    dataset: str = DEFAULT_CORPUS
-    tokens: int = 1_000_000  # tokens of --dataset searched for the keywords
-    texts: str = ""  # file of extra concept texts, one per line
-    prompts: str = ""  # evaluation prompts file (default: the shipped neutral prompts)
-    validation_prompts: str = ""  # prompts features are chosen on (default: shipped)
-    evaluation_samples: int = 3  # generations per evaluation prompt
-    statistics_rows: int = 256  # corpus rows for base rates and the reference activations
-    specialize: bool = False  # fine-tune the SAE on the concept's texts first (rare concepts)
-    device: str = ""
+    sae: str = setting("", "SAE folder or hub id, any layout saekit.formats reads",
+                       required=True)
+    name: str = setting("", "the concept's name, e.g. volcano", required=True)
+    keywords: list[str] = setting([], "words that mention it (whole words; a trailing * "
+                                  "matches a prefix)", required=True)
+    out: str = setting("", "folder for concept.json", required=True)
+    activations: str = setting("", "activation cache to search (else --dataset and --tokens)")
+    dataset: str = setting(DEFAULT_CORPUS, "corpus read when no --activations is given")
+    tokens: int = setting(1_000_000, "tokens of --dataset searched for the keywords", ge=1)
+    texts: str = setting("", "file of extra concept texts, one per line")
+    prompts: str = setting("", "evaluation prompts file (default: the shipped neutral prompts)")
+    validation_prompts: str = setting("", "prompts features are chosen on (default: shipped)")
+    evaluation_samples: int = setting(3, "generations per evaluation prompt", ge=1)
+    statistics_rows: int = setting(256, "corpus rows for base rates and the reference "
+                                   "activations", ge=1)
+    specialize: bool = setting(False, "fine-tune the SAE on the concept's texts first (rare "
+                               "concepts)")
+    device: str = setting("", DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self, ConceptError)
 
     def check(self) -> None:
         """Raise ``ConceptError`` for settings that cannot work, before any work starts."""
@@ -48,37 +55,11 @@ class ConceptConfig:
             if not getattr(self, what):
                 raise ConceptError(f"saekit concept needs --{what}.")
         self.keywords = keyword_list(self.keywords)
-        for what in ("tokens", "evaluation_samples", "statistics_rows"):
-            if getattr(self, what) < 1:
-                raise ConceptError(f"--{what.replace('_', '-')} must be >= 1, got "
-                                   f"{getattr(self, what)}.")
         for what in ("activations", "texts", "prompts", "validation_prompts"):
             path = getattr(self, what)
             if path and not Path(path).exists():
                 raise ConceptError(f"--{what.replace('_', '-')} {path} does not exist.")
         check_writable(self.out, folder=True)
-
-
-def check_search(search: ConceptSearch) -> None:
-    """Raise ``ConceptError`` for strengths, counts or ratios that cannot work."""
-    for what in ("strengths", "screen_strengths"):
-        values = getattr(search, what)
-        if not values or any(not (math.isfinite(s) and s > 0) for s in values):
-            raise ConceptError(f"--{what.replace('_', '-')} must be finite numbers > 0, got "
-                               f"{values}.")
-    if not search.groups or any(n < 1 for n in search.groups):
-        raise ConceptError(f"--groups must be sizes >= 1, got {search.groups}.")
-    for what in ("candidates_per_ranking", "max_new_tokens", "samples_per_prompt"):
-        if getattr(search, what) < 1:
-            raise ConceptError(f"--{what.replace('_', '-')} must be >= 1, got "
-                               f"{getattr(search, what)}.")
-    if not (math.isfinite(search.temperature) and search.temperature >= 0):
-        raise ConceptError(f"--temperature must be finite and >= 0, got {search.temperature}.")
-    if not (math.isfinite(search.max_perplexity_ratio) and search.max_perplexity_ratio > 0):
-        raise ConceptError("--max-perplexity-ratio must be finite and > 0, got "
-                           f"{search.max_perplexity_ratio}.")
-    if not 0 < search.target_rate <= 1:
-        raise ConceptError(f"--target-rate must be in (0, 1], got {search.target_rate}.")
 
 
 def corpus_source(model, sae, config: ConceptConfig):
@@ -151,8 +132,6 @@ def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
     search = search or ConceptSearch()
     special = special or SpecializeConfig()
     config.check()
-    check_search(search)
-    special.check()
     sae, model = load_sae_and_model(config.sae, config.device or None)
     check_hooks(model, [sae.cfg.metadata.hook_name or ""])
     extra = read_prompts(config.texts) if config.texts else []

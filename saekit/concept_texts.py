@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from saekit.analyse import TokenStrings
-from saekit.errors import SaekitError
+from saekit.errors import ConfigError
 from saekit.steer_eval import keyword_pattern
 
 
-class ConceptError(SaekitError, ValueError):
+class ConceptError(ConfigError):
     """A concept saekit cannot work with: no keywords, or keywords the corpus never mentions."""
 
 

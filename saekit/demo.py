@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from saekit.analyse import feature_statistics, top_activating_examples
@@ -22,6 +22,7 @@ from saekit.cache import ActivationCache, leading_activations
 from saekit.capture import CaptureConfig, capture_activations
 from saekit.concept import ConceptSearch, benchmark_concepts, find_concept_steering
 from saekit.concept_texts import ConceptError
+from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.errors import ConfigError
 from saekit.dashboard import write_dashboard
 from saekit.directions import logit_lens
@@ -40,26 +41,32 @@ FALLBACK_CONCEPT = "cheese"
 class DemoConfig:
     """What ``saekit demo`` runs. The CLI's ``saekit demo`` flags are these fields."""
 
-    out: str = "runs/demo"
-    tokens: int = 600_000  # captured; searched for the concepts' texts
-    shard_rows: int = 512  # rows of 128 tokens per cache shard
-    sae: str = ""  # SAE to steer with (default: the shipped one)
-    retrain: bool = False  # train the shipped SAE's recipe on the capture (use --tokens 1200000)
-    train_tokens: int = 1_130_000
-    holdout_tokens: int = 65_536
-    batch_size: int = 1024
-    latents: int = 16384
-    k: int = 32
-    concept: str = ""  # headline concept (default: the benchmark's best)
-    keywords: list[str] = field(default_factory=list)  # its keywords (default: the benchmark's)
-    statistics_rows: int = 256  # cache rows for base rates and the reference activations
-    samples_per_prompt: int = 3  # evaluation generations per neutral prompt
-    groups: list[int] = field(default_factory=lambda: [1, 3, 10])  # best features validated together
-    validation_samples: int = 2  # generations per validation prompt
-    max_new_tokens: int = 32
-    shown_prompts: int = 3
-    seed: int = 0
-    device: str | None = None
+    out: str = setting("runs/demo", "folder for everything the demo writes")
+    tokens: int = setting(600_000, "tokens captured; searched for the concepts' texts", ge=1)
+    shard_rows: int = setting(512, "rows of 128 tokens per cache shard", ge=1)
+    sae: str = setting("", "SAE to steer with (default: the shipped one)")
+    retrain: bool = setting(False, "train the shipped SAE's recipe on the capture (use "
+                            "--tokens 1200000)")
+    train_tokens: int = setting(1_130_000, "training tokens of --retrain", ge=1)
+    holdout_tokens: int = setting(65_536, "held-out tokens of --retrain", ge=0)
+    batch_size: int = setting(1024, "training batch of --retrain", ge=1)
+    latents: int = setting(16384, "latents of --retrain", ge=1)
+    k: int = setting(32, "active latents per token of --retrain", ge=1)
+    concept: str = setting("", "headline concept (default: the benchmark's best)")
+    keywords: list[str] = setting([], "its keywords (default: the benchmark's)")
+    statistics_rows: int = setting(256, "cache rows for base rates and the reference "
+                                   "activations", ge=1)
+    samples_per_prompt: int = setting(3, "evaluation generations per neutral prompt", ge=1)
+    groups: list[int] = setting([1, 3, 10], "sizes of the sets of best features validated "
+                                "together", ge=1)
+    validation_samples: int = setting(2, "generations per validation prompt", ge=1)
+    max_new_tokens: int = setting(32, "new tokens per generation", ge=1)
+    shown_prompts: int = setting(3, "neutral prompts whose texts are printed", ge=0)
+    seed: int = setting(0, "seed of capture, training and sampling")
+    device: str | None = setting(None, DEVICE_HELP)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def shipped_train_config(activations: str, out: str, config: DemoConfig) -> TrainConfig:

@@ -3,9 +3,12 @@ keeps two runs out of one output folder."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +16,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock, Timeout
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from saekit.errors import SaekitError
@@ -103,9 +107,39 @@ def write_json(path: str | Path, data: object) -> None:
 
 def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor],
                       metadata: dict[str, str] | None = None) -> None:
-    """Save tensors as safetensors, atomically."""
+    """Save tensors as safetensors, atomically. A failed write (a full disk, ...) raises
+    ``OSError``, as any other write does."""
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata=metadata)
+        except SafetensorError as err:
+            raise os_error_of(err, path) from err
+
+
+def save_torch(path: str | Path, data: object) -> None:
+    """``torch.save`` ``data`` to ``path``, atomically. A failed write (a full disk, ...) raises
+    ``OSError``: torch reports it as a ``RuntimeError`` of its zip writer."""
+    with atomic_path(path) as tmp:
+        try:
+            torch.save(data, tmp)
+        except RuntimeError as err:
+            if not re.search(r"iostream error|inline_container|file write failed", str(err)):
+                raise
+            free = shutil.disk_usage(Path(path).parent).free
+            code = errno.ENOSPC if free < (1 << 20) else errno.EIO
+            raise OSError(code, f"{os.strerror(code)} ({free:,} bytes free; torch: "
+                                f"{str(err).splitlines()[0]})", str(path)) from err
+
+
+def os_error_of(err: Exception, path: str | Path) -> Exception:
+    """safetensors reports I/O failures as ``SafetensorError("... (os error 28)")``: the
+    ``OSError`` it stands for (errno, message, ``path``), or ``err`` itself when it is not one."""
+    found = re.search(r"os error (\d+)", str(err))
+    if not found:
+        return err
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
 
 
 def sha256_file(path: str | Path) -> str:

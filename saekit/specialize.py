@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from saekit.concept_texts import ConceptError
+from saekit.config import check_fields, setting
 from saekit.sae import SAE
 
 # (the bare name is not one: after it alone the base model often emits image tokens)
@@ -34,27 +35,17 @@ PROMPT_TEMPLATES = ("{Name} is", "Tell me about {name}.", "The history of {name}
 class SpecializeConfig:
     """How ``saekit concept --specialize`` fine-tunes the SAE on the concept's texts."""
 
-    specialize_steps: int = 300  # fine-tuning steps
-    specialize_batch: int = 1024  # activations per step
-    specialize_lr: float = 1e-4  # Adam, in normalised units
-    concept_fraction: float = 0.25  # share of each batch from the concept's texts
-    generations: int = 48  # model continuations of prompts naming the concept (0: none)
-    generation_tokens: int = 48  # tokens per continuation
+    specialize_steps: int = setting(300, "fine-tuning steps", ge=1)
+    specialize_batch: int = setting(1024, "activations per fine-tuning step", ge=2)
+    specialize_lr: float = setting(1e-4, "Adam learning rate, in normalised units", gt=0)
+    concept_fraction: float = setting(0.25, "share of each batch from the concept's texts",
+                                      gt=0, lt=1)
+    generations: int = setting(48, "model continuations of prompts naming the concept "
+                               "(0: none)", ge=0)
+    generation_tokens: int = setting(48, "tokens per continuation", ge=1)
 
-    def check(self) -> None:
-        """Raise ``ConceptError`` for settings that cannot work."""
-        for what in ("specialize_steps", "specialize_batch", "generation_tokens"):
-            if getattr(self, what) < 1:
-                raise ConceptError(f"--{what.replace('_', '-')} must be >= 1, got "
-                                   f"{getattr(self, what)}.")
-        if self.generations < 0:
-            raise ConceptError(f"--generations must be >= 0, got {self.generations}.")
-        if not (math.isfinite(self.specialize_lr) and self.specialize_lr > 0):
-            raise ConceptError(f"--specialize-lr must be finite and > 0, got "
-                               f"{self.specialize_lr}.")
-        if not 0 < self.concept_fraction < 1:
-            raise ConceptError(f"--concept-fraction must be in (0, 1), got "
-                               f"{self.concept_fraction}.")
+    def __post_init__(self) -> None:
+        check_fields(self, ConceptError)
 
 
 def concept_generations(model, name: str, n: int, max_new_tokens: int,
@@ -105,7 +96,6 @@ def specialize_sae(sae: SAE, concept: Tensor, general: Tensor, config: Specializ
     """A copy of ``sae`` fine-tuned on batches mixing ``concept`` [n, d_in] (the concept's
     texts' activations) and ``general`` [m, d_in] (ordinary text), and a report: FVU on
     held-out tenths of both, before and after."""
-    config.check()
     if len(concept) < 10 or len(general) < 10:
         raise ConceptError(f"Specialising needs >= 10 activations of each kind, got "
                            f"{len(concept)} concept and {len(general)} ordinary.")

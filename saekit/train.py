@@ -28,7 +28,7 @@ from saekit.cache import ActivationCache, ActivationStream
 from saekit.config import check_fields, domain
 from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
-from saekit.files import FolderInUseError, atomic_path, output_lock, write_json
+from saekit.files import FolderInUseError, atomic_path, output_lock, save_torch, write_json
 from saekit.model import default_device
 from saekit.sae import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings,
                         settings_of)
@@ -299,9 +299,9 @@ def _upgrade_legacy_sweep(saved: dict) -> None:
 
 
 def save_checkpoint(out: Path, config: TrainConfig, step: int, runs: list[Run]) -> None:
-    with atomic_path(out / CHECKPOINT) as tmp:
-        torch.save({"config": config.resume_key(), "step": step,
-                    "rng": torch.get_rng_state(), "runs": {r.name: r.state() for r in runs}}, tmp)
+    save_torch(out / CHECKPOINT, {"config": config.resume_key(), "step": step,
+                                  "rng": torch.get_rng_state(),
+                                  "runs": {r.name: r.state() for r in runs}})
 
 
 def truncate_metrics(path: Path, step: int) -> None:

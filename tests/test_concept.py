@@ -15,7 +15,7 @@ from saekit.concept import (ConceptSearch, decoder_directions, find_concept_stee
                             residual_scale)
 from saekit.concept_texts import (ConceptError, concept_texts, concept_token_ids,
                                   find_mentions, keyword_list)
-from saekit.concept_run import ConceptConfig, check_search
+from saekit.concept_run import ConceptConfig
 from saekit.corpus import load_corpus, pack_token_rows
 from saekit.sae import sae_config, SAEMetadata, TopKSAE
 from saekit.specialize import (SpecializeConfig, most_changed_features, specialize_sae,
@@ -155,13 +155,13 @@ def test_config_checks_before_any_work():
     with pytest.raises(ConceptError, match="--sae"):
         ConceptConfig(name="x", keywords=["a"], out="o").check()
     with pytest.raises(ConceptError, match="--target-rate"):
-        check_search(ConceptSearch(target_rate=1.5))
+        ConceptSearch(target_rate=1.5)
     with pytest.raises(ConceptError, match="--temperature"):
-        check_search(ConceptSearch(temperature=float("nan")))
+        ConceptSearch(temperature=float("nan"))
     with pytest.raises(ConceptError, match="--concept-fraction"):
-        SpecializeConfig(concept_fraction=1.0).check()
+        SpecializeConfig(concept_fraction=1.0)
     with pytest.raises(ConceptError, match="--specialize-lr"):
-        SpecializeConfig(specialize_lr=float("inf")).check()
+        SpecializeConfig(specialize_lr=float("inf"))
 
 
 def test_unfolding_the_activation_scale_keeps_every_output():

@@ -132,6 +132,23 @@ def test_steering_curve_at_multiples_of_the_max(tiny_cache, tiny_sae, tmp_path):
     assert result["concept_keywords"] == ["Golden Gate", "San Francisco", "bridge"]
 
 
+def test_steering_curve_of_the_features_saekit_concept_chose(tiny_cache, tiny_sae, tmp_path):
+    """--concept: the chosen features are clamped together at multiples of their chosen
+    values, and v comes from the concept's keyword windows in the cache."""
+    chosen = tmp_path / "benchmark.json"
+    chosen.write_text(json.dumps({"sae": str(tiny_sae), "concepts": {"articles": {
+        "keywords": ["the", "a"], "features": [3, 5], "values": [1.5, 2.0]}}}))
+    run_script("steering_curve", tmp_path, "--activations", str(tiny_cache), *TINY,
+               "--concept", "articles", "--concept-result", str(chosen), "--prompts", "2",
+               "--max-new-tokens", "3", "--multiples", "0,2", "--vector-scales", "1")
+    result = outputs(tmp_path, "steering_curve")
+    assert result["sae"] == str(tiny_sae) and result["concept"]["features"] == [3, 5]
+    assert [row["values"] for row in result["curve"]] == [[0, 0], [3.0, 4.0]]
+    assert result["feature"] is None and result["concept_keywords"] == ["the", "a"]
+    assert result["concept"]["n_mentions"] > 0 and result["mean_difference"]["norm"] > 0
+    assert result["curve"][1]["kl_neutral"] > 0
+
+
 def test_feature_map_around_the_concept(tiny_cache, tiny_sae, tmp_path):
     run_script("feature_map", tmp_path, "--activations", str(tiny_cache), *TINY,
                "--sae", str(tiny_sae), "--neighbours", "8", "--stats-rows", "32",

@@ -15,6 +15,7 @@ import pytest
 
 from saekit import cli
 from saekit.capture import CaptureConfig, capture_activations
+from saekit.commands import COMMANDS
 from saekit.config import flag_name
 from saekit.errors import ConfigError, SaekitError
 from saekit.sae import ARCHITECTURES, SAEMetadata, TopKSAE, load_sae, sae_config
@@ -94,8 +95,9 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
 
 
-CONFIGS = [CaptureConfig, TrainConfig, EvalConfig, DashboardConfig, SteerConfig,
-           SteerEvalConfig, *(sae_class.config_class for sae_class in ARCHITECTURES.values())]
+# every sub-command's configs and every architecture's: a new command or field is walked too
+CONFIGS = list(dict.fromkeys([*(c for command in COMMANDS for c in command.configs),
+                              *(sae_class.config_class for sae_class in ARCHITECTURES.values())]))
 # the other fields' values while one field is walked (required ones have no usable default)
 VALID = {DashboardConfig: {"dataset": "default"}, SteerConfig: {"feature": 0, "value": 1.0},
          SteerEvalConfig: {"feature": 0, "values": [1.0]}}
