@@ -150,7 +150,9 @@ class ActivationStream:
     into batches, its remainder (< one batch) dropped. Memory stays at one group
     whatever the cache size. Batches are a pure function of (seed, batch index), so a
     run can restart at any batch (``start_batch``) and see what it would have seen.
-    Positions holding BOS are skipped unless ``keep_bos``.
+    Positions holding BOS are skipped unless ``keep_bos``. With ``target_hook`` (for
+    transcoders) each row is the two hooks' activations at one token side by side,
+    ``[d_model of hook | d_model of target_hook]``, shuffled together.
     """
 
     cache: ActivationCache
@@ -162,9 +164,12 @@ class ActivationStream:
     verify_checksums: bool = True
     dtype: torch.dtype = torch.float32
     shards: list[int] | None = None  # a subset of the cache's shards (e.g. a held-out split)
+    target_hook: str | None = None  # a transcoder's output hook, read beside ``hook``
 
     def __post_init__(self) -> None:
         self.hook = self.cache.check_hook(self.hook)
+        if self.target_hook is not None:
+            self.target_hook = self.cache.check_hook(self.target_hook)
         if self.shards is None:
             self.shards = list(range(self.cache.n_shards))
         if not self.shards:
@@ -199,16 +204,23 @@ class ActivationStream:
         return sum(self._group_batches(g) for g in self._epoch_groups(0))
 
     def load_tokens(self, index: int) -> torch.Tensor:
-        """Non-BOS activations of one shard, ``[tokens, d_model]``, checked to be finite."""
-        acts = self.cache.load_shard(index, self.hook, self.verify_checksums)
+        """Non-BOS activations of one shard, ``[tokens, d_model]`` (``[tokens, 2 * d_model]``
+        with a ``target_hook``), checked to be finite."""
+        if self.target_hook is None:
+            return self._hook_tokens(index, self.hook)
+        return torch.cat([self._hook_tokens(index, self.hook),
+                          self._hook_tokens(index, self.target_hook)], dim=-1)
+
+    def _hook_tokens(self, index: int, hook: str) -> torch.Tensor:
+        acts = self.cache.load_shard(index, hook, self.verify_checksums)
         acts = acts.reshape(-1, self.cache.d_model)[self._masks[index]].to(self.dtype)
         finite = torch.isfinite(acts).all(dim=-1)
         if not finite.all():
             position = int((~finite).nonzero()[0])
             raise NonFiniteActivationsError(
                 f"Shard {self.cache.folder / self.cache.manifest['shards'][index]['file']} holds "
-                f"NaN or inf activations ({int((~finite).sum())} tokens, the first at usable "
-                f"token {position}). Recapture it, e.g. with --dtype float32 if it was float16."
+                f"NaN or inf activations at {hook} ({int((~finite).sum())} tokens, the first at "
+                f"usable token {position}). Recapture it, e.g. with --dtype float32 if it was float16."
             )
         return acts
 

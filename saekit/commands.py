@@ -18,6 +18,7 @@ from saekit.dashboard import DashboardConfig
 from saekit.demo import DemoConfig, run_demo
 from saekit.errors import ConfigError
 from saekit.evaluate import EvalConfig
+from saekit.explain_run import ExplainConfig
 from saekit.generation import SteerConfig
 from saekit.specialize import SpecializeConfig
 from saekit.steer_eval import SteerEvalConfig
@@ -99,9 +100,13 @@ def run_eval(config: EvalConfig) -> None:
                           context=config.context, out=config.out, seed=config.seed,
                           batch_rows=config.batch_rows, subfolder=config.subfolder,
                           model_name=config.model, hook_name=config.hook, device=config.device,
-                          progress=True)
+                          progress=True, hook_out=config.hook_out)
     recovered = report["ce_loss_recovered"]
-    print(f"{report['architecture']} SAE (d_sae {report['d_sae']:,}) at {report['hook_name']} of "
+    where = report["hook_name"] + (f" -> {report['hook_name_out']}" if "hook_name_out" in report
+                                   else "")
+    kind = "skip transcoder" if report.get("skip_connection") else \
+        "transcoder" if "hook_name_out" in report else "SAE"
+    print(f"{report['architecture']} {kind} (d_sae {report['d_sae']:,}) at {where} of "
           f"{report['model']}, {report['tokens']:,} tokens of {report['dataset']}:\n"
           f"  CE loss recovered {'n/a' if recovered is None else f'{recovered:.4f}'} (clean "
           f"{report['ce_loss_clean']:.4f}, spliced {report['ce_loss_spliced']:.4f}, zero "
@@ -182,6 +187,27 @@ def run_concept_command(config: ConceptConfig, search: ConceptSearch,
     print(f"wrote {Path(config.out) / RESULT_JSON}")
 
 
+def run_explain_command(config: ExplainConfig) -> None:
+    from saekit.explain_run import EXPLANATIONS, HYPOTHESIS, SUMMARY, run_explain
+
+    result = run_explain(config)
+    out = Path(config.out)
+    if config.hypothesis is not None:
+        d = result["detection"]
+        print(f"feature {result['feature']}, hypothesis {result['hypothesis']!r}: balanced "
+              f"accuracy {d['balanced_accuracy']:.3f} (at the median P(yes) "
+              f"{d['balanced_accuracy_median']:.3f}), AUROC {d['auroc']:.3f} on "
+              f"{d['n_activating']} activating + {d['n_non_activating']} other texts "
+              f"-> {out / HYPOTHESIS}")
+        return
+    d = result["detection"]
+    scores = "not scored" if d["auroc"] is None else (
+        f"mean detection balanced accuracy {d['balanced_accuracy']:.3f} (at the median P(yes) "
+        f"{d['balanced_accuracy_median']:.3f}), AUROC {d['auroc']:.3f}")
+    print(f"{result['n_features']} features explained by {result['explainer']}, {scores} "
+          f"-> {out / EXPLANATIONS}, {out / SUMMARY}")
+
+
 COMMANDS = (
     Command("cache", "capture activations of a model over a corpus",
             (CaptureConfig, CacheOutput), run_cache),
@@ -197,6 +223,9 @@ COMMANDS = (
     Command("concept", "find the SAE feature(s) that steer to a concept given its name and "
             "keywords; validate and measure", (ConceptConfig, ConceptSearch, SpecializeConfig),
             run_concept_command),
+    Command("explain", "explain SAE features with a language model and score the "
+            "explanations (detection), resumably; or score one --hypothesis",
+            (ExplainConfig,), run_explain_command),
     Command("demo", "the main job on the embedded default, end to end (capture, SAE, concept "
             "search, steer, measure)", (DemoConfig,), run_demo),
 )

@@ -55,6 +55,8 @@ class EvalConfig:
     batch_rows: int = setting(4, "rows per forward pass", ge=1)
     model: str | None = setting(None, "model (default: the SAE's metadata, else gemma-3-270m)")
     hook: str | None = setting(None, "hook (default: the SAE's metadata)")
+    hook_out: str | None = setting(None, "a transcoder's output hook, where it is spliced "
+                                   "(default: its metadata)")
     device: str | None = setting(None, DEVICE_HELP)
 
     def __post_init__(self) -> None:
@@ -113,7 +115,9 @@ class ReconstructionStats:
 @torch.no_grad()
 def reconstruction_metrics(sae: SAE, activations: Iterable[torch.Tensor],
                            chunk: int = 4096) -> dict:
-    """FVU, MSE, cosine, L0 and firing frequencies of ``sae`` over ``activations`` ([n, d_in] each).
+    """FVU, MSE, cosine, L0 and firing frequencies of ``sae`` over ``activations`` ([n, d_in] each;
+    a transcoder's rows are [input | target], as ``ActivationStream`` gives them with a
+    ``target_hook``, and its FVU is the target's).
 
     FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over all tokens (mean taken over all of
     them); explained variance = 1 - FVU; cosine: mean over tokens of cos(x, x_hat); L0: mean
@@ -121,12 +125,12 @@ def reconstruction_metrics(sae: SAE, activations: Iterable[torch.Tensor],
     tokens each latent is non-zero on; dead: below 1e-6, dense: above 0.1.
     """
     device = sae.W_dec.device
-    stats = ReconstructionStats(sae.d_in, sae.d_sae, device)
+    stats = ReconstructionStats(sae.d_out, sae.d_sae, device)
     for block in activations:
-        for x in block.split(chunk):
-            x = x.to(device, sae.W_dec.dtype)
+        for rows in block.split(chunk):
+            x, target = sae.split_pair(rows.to(device, sae.W_dec.dtype))
             x_hat, acts = sae(x)
-            stats.add(x, x_hat, acts)
+            stats.add(x if target is None else target, x_hat, acts)
     return stats.metrics()
 
 
@@ -155,12 +159,56 @@ def _kl_sum(log_p: Tensor, log_q: Tensor) -> float:
     return total
 
 
+def splice_hooks(sae: SAE, hook: str, hook_out: str | None, at: Tensor,
+                 stats: ReconstructionStats) -> list:
+    """Forward hooks that replace the activation at the positions ``at`` [batch, pos] by the
+    SAE's reconstruction and add each batch to ``stats``. An SAE reads and writes ``hook``; a
+    transcoder reads ``hook`` and writes ``hook_out`` (the input is held until the output
+    hook fires later in the same pass)."""
+    device, dtype = sae.W_dec.device, sae.W_dec.dtype
+    held: dict[str, Tensor] = {}
+
+    def hold_input(act: Tensor, hook) -> Tensor:
+        held["x"] = act[at].to(device, dtype)
+        return act
+
+    def splice(act: Tensor, hook) -> Tensor:
+        target = act[at].to(device, dtype)
+        x_hat, acts = sae(held.pop("x") if hook_out else target)
+        stats.add(target, x_hat, acts)
+        out = act.clone()
+        out[at] = x_hat.to(act.device, act.dtype)
+        return out
+
+    return [(hook, hold_input), (hook_out, splice)] if hook_out else [(hook, splice)]
+
+
+def spliced_hooks_of(sae: SAE, hook_name: str | None = None,
+                     hook_out: str | None = None) -> tuple[str, str | None]:
+    """``(hook the SAE reads, hook a transcoder writes or None)``, from the arguments or else
+    the SAE's metadata; ``EvaluationError`` when one is unknown."""
+    hook = hook_name or sae.cfg.metadata.hook_name
+    if not hook:
+        raise EvaluationError("The SAE's metadata names no hook to splice it in at: pass "
+                              "hook_name (--hook), e.g. 'blocks.6.hook_resid_post'.")
+    if not sae.cfg.transcoder:
+        return hook, None
+    hook_out = hook_out or sae.cfg.metadata.hook_name_out
+    if not hook_out:
+        raise EvaluationError("The transcoder's metadata names no output hook: pass hook_out "
+                              "(--hook-out), e.g. 'blocks.6.hook_mlp_out'.")
+    return hook, hook_out
+
+
 @torch.no_grad()
 def downstream_metrics(model, sae: SAE, tokens: Tensor, batch_rows: int = 4,
-                       hook_name: str | None = None, progress: bool = False) -> dict:
+                       hook_name: str | None = None, progress: bool = False,
+                       hook_out: str | None = None) -> dict:
     """Splicing metrics of ``sae`` in ``model`` on ``tokens`` [n_rows, context] (module docstring).
 
-    The SAE goes in at ``hook_name`` (default ``sae.cfg.metadata.hook_name``). Runs the full
+    The SAE goes in at ``hook_name`` (default ``sae.cfg.metadata.hook_name``). A transcoder
+    reads ``hook_name`` and replaces ``hook_out`` (default ``metadata.hook_name_out``, e.g.
+    the MLP's output): the zero-ablation baseline then zeroes ``hook_out``. Runs the full
     model three times per batch of ``batch_rows`` rows; only one batch's [rows, context, vocab]
     logits exist at a time. Returns ``ce_loss_clean``, ``ce_loss_spliced``, ``ce_loss_zero``,
     ``ce_loss_recovered``, ``delta_lm_loss``, ``kl_div``, ``scored_predictions``, ``rows``,
@@ -168,20 +216,16 @@ def downstream_metrics(model, sae: SAE, tokens: Tensor, batch_rows: int = 4,
     """
     from saekit.capture import check_hooks
 
-    hook = hook_name or sae.cfg.metadata.hook_name
-    if not hook:
-        raise EvaluationError("The SAE's metadata names no hook to splice it in at: pass "
-                              "hook_name (--hook), e.g. 'blocks.6.hook_resid_post'.")
+    hook, hook_out = spliced_hooks_of(sae, hook_name, hook_out)
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
         raise EvaluationError(f"tokens must be integer rows [n_rows, context >= 2], got shape "
                               f"{tuple(tokens.shape)} ({tokens.dtype}).")
     if batch_rows < 1:
         raise EvaluationError(f"batch_rows must be at least 1, got {batch_rows}.")
-    check_hooks(model, [hook])
+    check_hooks(model, [hook, hook_out] if hook_out else [hook])
     bos = model.tokenizer.bos_token_id
     device = next(model.parameters()).device
-    sae_device, sae_dtype = sae.W_dec.device, sae.W_dec.dtype
-    stats = ReconstructionStats(sae.d_in, sae.d_sae, sae_device)
+    stats = ReconstructionStats(sae.d_out, sae.d_sae, sae.W_dec.device)
     sums = {"clean": 0.0, "spliced": 0.0, "zero": 0.0, "kl": 0.0}
     n_scored = 0
     bar = tqdm(total=tokens.numel(), unit="tok", desc="eval", disable=not progress)
@@ -191,25 +235,18 @@ def downstream_metrics(model, sae: SAE, tokens: Tensor, batch_rows: int = 4,
         scored = spliced_at[:, :-1] & (rows[:, 1:] != bos)  # [b, context - 1]
         targets = rows[:, 1:][scored]
 
-        def splice(act: Tensor, hook, at: Tensor = spliced_at) -> Tensor:
-            x = act[at].to(sae_device, sae_dtype)
-            x_hat, acts = sae(x)
-            stats.add(x, x_hat, acts)
-            out = act.clone()
-            out[at] = x_hat.to(act.device, act.dtype)
-            return out
-
         def ablate(act: Tensor, hook, at: Tensor = spliced_at) -> Tensor:
             return act.masked_fill(at.reshape(*at.shape, *[1] * (act.ndim - 2)), 0)
 
         clean = _scored_log_probs(model, rows, [], scored)
-        spliced = _scored_log_probs(model, rows, [(hook, splice)], scored)
+        spliced = _scored_log_probs(model, rows,
+                                    splice_hooks(sae, hook, hook_out, spliced_at, stats), scored)
         sums["clean"] += _cross_entropy_sum(clean, targets)
         sums["spliced"] += _cross_entropy_sum(spliced, targets)
         sums["kl"] += _kl_sum(clean, spliced)
         del clean, spliced
-        sums["zero"] += _cross_entropy_sum(_scored_log_probs(model, rows, [(hook, ablate)],
-                                                             scored), targets)
+        sums["zero"] += _cross_entropy_sum(
+            _scored_log_probs(model, rows, [(hook_out or hook, ablate)], scored), targets)
         n_scored += len(targets)
         bar.update(rows.numel())
     bar.close()
@@ -277,7 +314,7 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
                  batch_rows: int = 4, subfolder: str | None = None,
                  model_name: str | None = None, hook_name: str | None = None,
                  device: str | torch.device | None = None, model=None,
-                 progress: bool = False) -> dict:
+                 progress: bool = False, hook_out: str | None = None) -> dict:
     """Evaluate the SAE at ``sae_dir`` (any layout ``load_foreign_sae`` reads) end to end.
 
     Loads the model its metadata names (``model_name`` overrides; default gemma-3-270m) unless
@@ -302,7 +339,8 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
     sae = sae.to(next(model.parameters()).device).eval()
     rows = pack_token_rows(load_corpus(dataset, seed=seed), model.tokenizer, tokens // context,
                            context)
-    metrics = downstream_metrics(model, sae, rows, batch_rows, progress=progress)
+    metrics = downstream_metrics(model, sae, rows, batch_rows, progress=progress,
+                                 hook_out=hook_out)
     frequency = metrics.pop("firing_frequency")
     out = Path(out)
     plot = out.with_name(f"{out.stem}_density.png")
@@ -312,6 +350,8 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
         "sae": str(sae_dir), "subfolder": subfolder, "architecture": sae.cfg.architecture,
         "d_in": sae.d_in, "d_sae": sae.d_sae, "k": getattr(sae.cfg.options, "k", None), "model": name,
         "hook_name": sae.cfg.metadata.hook_name, "dataset": dataset, "seed": seed,
+        **({"hook_name_out": spliced_hooks_of(sae, None, hook_out)[1],
+            "skip_connection": sae.cfg.skip_connection} if sae.cfg.transcoder else {}),
         **{k: _finite_or_none(v) for k, v in metrics.items()},
         "dead_latents": int((frequency < DEAD_FREQUENCY).sum()),
         "dense_latents": int((frequency > DENSE_FREQUENCY).sum()),

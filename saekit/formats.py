@@ -6,7 +6,7 @@ The layout is detected by the files in the folder (first match wins):
 toolkit           files                                     saekit class
 ================  ========================================  ==============================
 saekit / SAELens  cfg.json + sae_weights.safetensors        as cfg.json says (``load_sae``)
-sparsify          cfg.json + sae.safetensors                ``TopKSAE``
+sparsify          cfg.json + sae.safetensors                ``TopKSAE`` (or transcoder)
 Gemma Scope 2     params.safetensors (+ config.json)        ``JumpReLUSAE``
 Gemma Scope       params.npz                                ``JumpReLUSAE``
 ================  ========================================  ==============================
@@ -25,6 +25,14 @@ sparsify (EleutherAI): a folder named after its hookpoint with cfg.json (``d_in`
 ``encoder.weight`` [d_sae, d_in], ``encoder.bias`` [d_sae], ``W_dec`` [d_sae, d_in] and ``b_dec``
 [d_in]; ``acts = TopK(ReLU((x - b_dec) @ encoder.weight^T + encoder.bias))``,
 ``x_hat = acts @ W_dec + b_dec``. A hookpoint ``layers.N`` becomes ``blocks.N.hook_resid_post``.
+A sparsify transcoder (cfg.json ``"transcode": true``) does not subtract b_dec from its input;
+with ``skip_connection`` it adds ``x @ W_skip^T`` (``W_skip`` [d_out, d_in]). Its hookpoint
+``layers.N.mlp`` (the Hugging Face MLP module, read at its input, reconstructed at its output)
+becomes ``blocks.N.mlp.hook_in`` -> ``blocks.N.mlp.hook_out``.
+
+SAELens transcoders (cfg.json architecture ``transcoder``, ``skip_transcoder``,
+``jumprelu_transcoder``, ``jumprelu_skip_transcoder``, with ``d_out``) load through
+``load_sae``, as saekit's own do (see ``saekit.sae.settings``).
 
 A Hugging Face repo id downloads the repo (only ``subfolder`` when given) first.
 """
@@ -51,6 +59,7 @@ GEMMA_KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
 SPARSIFY_KEYS = ("encoder.weight", "encoder.bias", "W_dec", "b_dec")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 RESID_POST = "blocks.{}.hook_resid_post"
+MLP_IN, MLP_OUT = "blocks.{}.mlp.hook_in", "blocks.{}.mlp.hook_out"
 SEARCH_DEPTH = 3  # folder levels searched for SAEs when a folder itself holds none
 
 Downloader = Callable[..., str | os.PathLike]
@@ -205,33 +214,50 @@ def load_sparsify(folder: Path) -> TopKSAE:
     """An EleutherAI sparsify SAE folder (cfg.json + sae.safetensors) as a TopK SAE."""
     config = _read_json(folder / "cfg.json")
     weights = load_file(folder / "sae.safetensors")
-    if config.get("transcode"):
-        raise ForeignSAEError(f"{folder} holds a sparsify transcoder, not an SAE; saekit loads "
-                              "SAEs only.")
-    if config.get("skip_connection") or "W_skip" in weights:
-        raise ForeignSAEError(f"{folder}: sparsify SAEs with a skip connection are not supported.")
+    transcoder = bool(config.get("transcode"))
+    skip = bool(config.get("skip_connection")) or "W_skip" in weights
+    if skip and not transcoder:
+        raise ForeignSAEError(f"{folder}: sparsify SAEs with a skip connection are not supported "
+                              "(only transcoders with one).")
+    if config.get("normalize_io"):
+        raise ForeignSAEError(f"{folder}: sparsify's normalize_io is not supported.")
     if config.get("activation", "topk") != "topk" or config.get("signed"):
         raise ForeignSAEError(f"{folder}: sparsify activation {config.get('activation')!r}"
                               f"{' (signed)' if config.get('signed') else ''} is not supported; "
                               "saekit reads the 'topk' activation.")
     _require(folder, "sae.safetensors", weights, SPARSIFY_KEYS)
     d_sae, d_in = _matrix_shape(folder, "encoder.weight", weights["encoder.weight"])
-    _check_shapes(folder, weights, {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_in),
-                                    "b_dec": (d_in,)})
+    d_out = weights["W_dec"].shape[-1] if weights["W_dec"].ndim == 2 else d_in
+    _check_shapes(folder, weights, {"encoder.bias": (d_sae,), "W_dec": (d_sae, d_out),
+                                    "b_dec": (d_out,),
+                                    **({"W_skip": (d_out, d_in)} if skip else {})})
     width = config.get("num_latents") or d_in * config.get("expansion_factor", 0)
     if config.get("d_in", d_in) != d_in or (width and width != d_sae):
         raise ForeignSAEError(f"{folder}: cfg.json says d_in {config.get('d_in')} and "
                               f"{width} latents, but the weights have {d_in} and {d_sae}.")
     if not isinstance(config.get("k"), int):
         raise ForeignSAEError(f"{folder}/cfg.json has no integer k (active latents per token).")
-    match = re.fullmatch(r"(?:model\.)?layers\.(\d+)", folder.name)
-    metadata = SAEMetadata(hook_name=RESID_POST.format(match.group(1)) if match else None,
-                           extra={"sparsify_hookpoint": folder.name})
     cfg = SAEConfig("topk", d_in, d_sae, options={"k": config["k"]},
-                    dtype=_dtype_name(weights["W_dec"]), apply_b_dec_to_input=True,
-                    metadata=metadata)
+                    dtype=_dtype_name(weights["W_dec"]), apply_b_dec_to_input=not transcoder,
+                    metadata=_sparsify_metadata(folder.name, transcoder),
+                    d_out=d_out if transcoder else None, skip_connection=skip)
     return _build(cfg, {"W_enc": weights["encoder.weight"].T, "b_enc": weights["encoder.bias"],
-                        "W_dec": weights["W_dec"], "b_dec": weights["b_dec"]})
+                        "W_dec": weights["W_dec"], "b_dec": weights["b_dec"],
+                        **({"W_skip": weights["W_skip"]} if skip else {})})
+
+
+def _sparsify_metadata(hookpoint: str, transcoder: bool) -> SAEMetadata:
+    """Bridge hook names of a sparsify hookpoint: ``layers.N`` is the block's output; for a
+    transcoder ``layers.N.mlp`` is the MLP's input and output."""
+    extra = {"sparsify_hookpoint": hookpoint}
+    layer = re.fullmatch(r"(?:model\.)?layers\.(\d+)", hookpoint)
+    mlp = re.fullmatch(r"(?:model\.)?layers\.(\d+)\.mlp", hookpoint)
+    if transcoder and mlp:
+        return SAEMetadata(hook_name=MLP_IN.format(mlp.group(1)),
+                           hook_name_out=MLP_OUT.format(mlp.group(1)), extra=extra)
+    if not transcoder and layer:
+        return SAEMetadata(hook_name=RESID_POST.format(layer.group(1)), extra=extra)
+    return SAEMetadata(extra=extra)
 
 
 def _load_saelens(folder: Path) -> SAE:

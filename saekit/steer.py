@@ -7,7 +7,9 @@ At each steered position of a hook, with ``x`` the activation there::
     acts' = acts with: clamp (acts[f] = v) and ablate (acts[f] = 0), then add (acts[f] += v)
     out   = sae.decode(acts') + error
 
-so ``out = x + (acts' - acts) @ W_dec`` up to float rounding. Positions where no edit applies
+so ``out = x + (acts' - acts) @ W_dec`` up to float rounding. A transcoder encodes the
+activation at its input hook and edits the one at its output hook (``metadata.hook_name_out``):
+there ``x`` above is the output hook's activation and ``acts`` the latents of the input's. Positions where no edit applies
 (BOS, the prompt under ``positions="generated"``) are returned exactly as they were, so an empty
 steering context leaves the logits bit-identical.
 
@@ -42,7 +44,8 @@ class SteeringError(SaekitError, ValueError):
 
 @dataclass
 class Intervention:
-    """Edits to one SAE's latents at one hook (default: the SAE's ``metadata.hook_name``).
+    """Edits to one SAE's latents at one hook (default: the SAE's ``metadata.hook_name``; a
+    transcoder's ``metadata.hook_name_out``, its latents read at ``metadata.hook_name``).
 
     ``clamp`` {feature: value} sets latents, ``ablate`` [feature, ...] sets them to 0, and then
     ``add`` {feature: value} adds to them (so clamp 5 and add 2 on one feature gives 7).
@@ -71,11 +74,25 @@ class Intervention:
 
     @property
     def hook_name(self) -> str:
-        name = self.hook or self.sae.cfg.metadata.hook_name
+        """The hook whose activations are edited."""
+        metadata = self.sae.cfg.metadata
+        name = self.hook or (metadata.hook_name_out if self.sae.cfg.transcoder
+                             else metadata.hook_name)
         if not name:
-            raise SteeringError("The SAE's metadata names no hook_name: pass hook='blocks.6."
-                                "hook_resid_post' (or the hook it was trained on).")
+            raise SteeringError("The SAE's metadata names no hook_name (a transcoder's: no "
+                                "hook_name_out): pass hook='blocks.6.hook_resid_post' (or the "
+                                "hook it was trained to reconstruct).")
         return name
+
+    @property
+    def input_hook(self) -> str | None:
+        """A transcoder's input hook, where its latents are read; None for an SAE."""
+        if not self.sae.cfg.transcoder:
+            return None
+        if not self.sae.cfg.metadata.hook_name:
+            raise SteeringError("The transcoder's metadata names no input hook_name; set "
+                                "sae.cfg.metadata.hook_name.")
+        return self.sae.cfg.metadata.hook_name
 
     @property
     def is_empty(self) -> bool:
@@ -83,17 +100,24 @@ class Intervention:
 
     @property
     def width(self) -> int:
-        return self.sae.d_in
+        return self.sae.d_out
 
     def check(self, model) -> None:
-        """Raise if the hook is not in ``model`` or a residual hook's width is not d_in."""
-        check_hook_width(model, self.hook_name, self.sae.d_in, "The SAE takes d_in =")
+        """Raise if a hook is not in ``model`` or a residual hook's width is not the SAE's."""
+        check_hook_width(model, self.hook_name, self.sae.d_out, "The SAE reconstructs width")
+        if self.input_hook:
+            check_hook_width(model, self.input_hook, self.sae.d_in, "The transcoder takes d_in =")
 
-    def apply(self, x: Tensor) -> Tensor:
-        """Steered ``x`` [n, d_in]: the edited latents decoded, plus the SAE's error term."""
+    def apply(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        """Steered ``x`` [n, d_out]: the edited latents decoded, plus the SAE's error term; a
+        transcoder's latents come from ``source`` [n, d_in], its input hook's activations."""
         sae = self.sae
         x_sae = x.to(sae.W_dec.device, sae.W_dec.dtype)
-        latents = sae.encode(x_sae)
+        if sae.cfg.transcoder and source is None:
+            raise SteeringError("A transcoder's edit needs its input hook's activations "
+                                "(source=).")
+        latents = sae.encode(x_sae if source is None else
+                             source.to(sae.W_dec.device, sae.W_dec.dtype))
         error = x_sae - sae.decode(latents)
         return (sae.decode(self.edit(latents)) + error).to(x.device, x.dtype)
 
@@ -151,6 +175,8 @@ class SteeringVector:
     def hook_name(self) -> str:
         return self.hook
 
+    input_hook = None  # reads no other hook
+
     @property
     def width(self) -> int:
         return self.vector.shape[0]
@@ -163,8 +189,8 @@ class SteeringVector:
         """Raise if the hook is not in ``model`` or a residual hook's width is not the vector's."""
         check_hook_width(model, self.hook, self.width, "The steering vector has width")
 
-    def apply(self, x: Tensor) -> Tensor:
-        """``x`` [n, d_model] + scale * vector."""
+    def apply(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        """``x`` [n, d_model] + scale * vector (``source`` unused)."""
         return x + (self.scale * self.vector).to(x.device, x.dtype)
 
 
@@ -182,6 +208,10 @@ class OnRows:
         return self.intervention.hook_name
 
     @property
+    def input_hook(self) -> str | None:
+        return self.intervention.input_hook
+
+    @property
     def width(self) -> int:
         return self.intervention.width
 
@@ -192,8 +222,8 @@ class OnRows:
     def check(self, model) -> None:
         self.intervention.check(model)
 
-    def apply(self, x: Tensor) -> Tensor:
-        return self.intervention.apply(x)
+    def apply(self, x: Tensor, source: Tensor | None = None) -> Tensor:
+        return self.intervention.apply(x, source)
 
     def rows(self, act: Tensor) -> Tensor:
         """Bool [batch] of the rows this applies to."""
@@ -277,9 +307,16 @@ class PositionTracker:
         return keep if bool(keep.any()) else None
 
 
-def make_hook(intervention: Intervention | SteeringVector | OnRows, tracker: PositionTracker):
-    """The forward hook ``fn(act [batch, pos, ..., width], hook) -> act`` applying the edits at
-    the positions ``tracker`` selects (the others are returned as they were)."""
+def make_hooks(intervention: Intervention | SteeringVector | OnRows,
+               tracker: PositionTracker) -> list[tuple[str, Any]]:
+    """The forward hooks ``(name, fn(act [batch, pos, ..., width], hook) -> act)`` applying the
+    edits at the positions ``tracker`` selects (the others are returned as they were); for a
+    transcoder, first a hook that holds its input hook's activations for the edit."""
+    held: dict[str, Tensor] = {}
+
+    def hold_input(act: Tensor, hook) -> Tensor:
+        held["x"] = act
+        return act
 
     def steer_hook(act: Tensor, hook) -> Tensor:
         if act.ndim < 3 or act.shape[-1] != intervention.width:
@@ -292,10 +329,13 @@ def make_hook(intervention: Intervention | SteeringVector | OnRows, tracker: Pos
         if mask is None or not bool(mask.any()):
             return act
         out = act.clone()
-        out[mask] = intervention.apply(act[mask])
+        source = held.pop("x")[mask] if intervention.input_hook else None
+        out[mask] = intervention.apply(act[mask], source)
         return out
 
-    return steer_hook
+    steering = [(intervention.hook_name, steer_hook)]
+    return [(intervention.input_hook, hold_input), *steering] if intervention.input_hook \
+        else steering
 
 
 def interventions_from(items: Sequence[Any], clamp: Mapping[int, float] | None = None,
@@ -371,7 +411,7 @@ def steer(model, *interventions: Any, clamp: Mapping[int, float] | None = None,
     if active:
         handle = model.original_model.register_forward_pre_hook(tracker.observe, with_kwargs=True)
     try:
-        with model.hooks(fwd_hooks=[(iv.hook_name, make_hook(iv, tracker)) for iv in active]):
+        with model.hooks(fwd_hooks=[hook for iv in active for hook in make_hooks(iv, tracker)]):
             yield model
     finally:
         if handle is not None:

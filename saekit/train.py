@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,15 +23,18 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
-from saekit.config import check_fields, domain
+from saekit.config import check_fields, domain, setting
 from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
-from saekit.files import FolderInUseError, atomic_path, output_lock, save_torch, write_json
+from saekit.files import FolderInUseError, output_lock, save_torch, write_json
 from saekit.model import default_device
+from saekit.train_log import MetricsWriter, truncate_metrics
 from saekit.sae import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings,
                         settings_of)
 
 CHECKPOINT = "checkpoint.pt"
+__all__ = ["TrainConfig", "train", "train_config", "sweep_configs", "open_stream", "CHECKPOINT",
+           "Distributed", "truncate_metrics"]
 
 
 @dataclass
@@ -60,6 +61,10 @@ class TrainConfig:
     # linear decay to 0 over the last part of training
     lr_decay_fraction: float = field(default=0.2, metadata=domain(ge=0, le=1))
     hook: str | None = None
+    hook_out: str | None = setting(None, "train transcoders: reconstruct this hook of the cache "
+                                   "from --hook's activations (e.g. blocks.6.hook_mlp_out)")
+    skip_connection: bool = setting(False, "skip transcoders: also learn a linear map from "
+                                    "--hook to --hook-out (needs --hook-out)")
     normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
     # a latent idle this many tokens counts as dead (AuxK, reports)
     dead_tokens: int = field(default=50_000, metadata=domain(ge=1))
@@ -81,6 +86,11 @@ class TrainConfig:
         if self.tokens < self.batch_size:
             raise TrainingError(f"--tokens must be >= --batch-size; got --tokens {self.tokens}, "
                                 f"--batch-size {self.batch_size}.")
+        if self.skip_connection and not self.hook_out:
+            raise ConfigError("--skip-connection is for transcoders: give --hook-out too.")
+        if self.hook_out and self.hook_out == self.hook:
+            raise ConfigError(f"--hook-out {self.hook_out} is --hook itself: leave it out to "
+                              "train an SAE.")
         self.options = _sweep_lists(self.options, self.arch)
         for arch in self.arch:
             list(self.architecture_sweep(arch))  # each combination's settings are checked
@@ -101,6 +111,8 @@ class TrainConfig:
         and how the paths are spelled: the cache is compared by its resolved path, and the
         checkpoint is in ``out`` itself)."""
         skip = {"device", "wandb", "log_every", "checkpoint_every", "out", "options"}
+        if not self.hook_out:  # as checkpoints from before transcoders have it
+            skip |= {"hook_out", "skip_connection"}
         key = {k: v for k, v in asdict(self).items() if k not in skip}
         key["activations"] = str(Path(self.activations).resolve()) if self.activations else ""
         key["sweep"] = {arch: {f.name: self.options.get(f.name, [getattr(defaults, f.name)])
@@ -160,7 +172,8 @@ def sweep_configs(config: TrainConfig, d_in: int, metadata: SAEMetadata) -> dict
             configs[label] = SAEConfig(
                 architecture=arch, d_in=d_in, d_sae=width, options=options,
                 normalize_activations="expected_average_only_in" if config.normalize else "none",
-                seed=config.seed, metadata=metadata)
+                seed=config.seed, metadata=metadata, d_out=d_in if config.hook_out else None,
+                skip_connection=config.skip_connection)
     return configs
 
 
@@ -304,25 +317,6 @@ def save_checkpoint(out: Path, config: TrainConfig, step: int, runs: list[Run]) 
                                   "runs": {r.name: r.state() for r in runs}})
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop logged lines past ``step`` (written after the checkpoint a resume starts from) and
-    any line a crash or a full disk left torn."""
-    if path.exists():
-        lines = [line for line in path.read_text(errors="replace").splitlines()
-                 if (entry := _logged_entry(line)) is not None and entry["step"] <= step]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(f"{line}\n" for line in lines))
-
-
-def _logged_entry(line: str) -> dict | None:
-    """A metrics.jsonl line as a dict, or None for a blank, torn or foreign line."""
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return None
-    return entry if isinstance(entry, dict) and isinstance(entry.get("step"), int) else None
-
-
 def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream, list[int]]:
     cache = ActivationCache.open(config.activations)
     holdout, held = 0, 0
@@ -338,7 +332,8 @@ def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream,
             "the held-out evaluation.")
     train_shards = list(range(cache.n_shards - holdout))
     stream = ActivationStream(cache, config.batch_size, config.hook, config.seed,
-                              config.buffer_tokens, shards=train_shards)
+                              config.buffer_tokens, shards=train_shards,
+                              target_hook=config.hook_out)
     if stream.tokens_per_epoch < config.batch_size:
         raise TrainingError(f"The cache has {stream.tokens_per_epoch} training tokens, fewer than "
                             f"one batch of {config.batch_size}.")
@@ -357,8 +352,9 @@ def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
                ranks: Distributed) -> dict[str, float]:
     """One optimiser step of one SAE on this rank's slice ``batch`` [batch / world, d_in]."""
     dead = run.dead_mask(config.dead_tokens)
-    result = run.sae.training_forward(batch, dead_mask=dead, progress=step / config.steps,
-                                      batch_sum=ranks.batch_sum)
+    x, target = run.sae.split_pair(batch)
+    result = run.sae.training_forward(x, dead_mask=dead, progress=step / config.steps,
+                                      batch_sum=ranks.batch_sum, target=target)
     run.optimizer.zero_grad(set_to_none=True)
     result.losses["loss"].backward()
     for parameter in run.sae.parameters():
@@ -405,7 +401,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
     cache, stream, holdout = open_stream(config)
     out = Path(config.out)
     metadata = SAEMetadata(model_name=cache.manifest["model"], hook_name=stream.hook,
-                           context_size=cache.context, dataset_path=str(cache.folder))
+                           context_size=cache.context, dataset_path=str(cache.folder),
+                           hook_name_out=stream.target_hook)
     runs = make_runs(sweep_configs(config, cache.d_model, metadata), config, device)
     checkpoint = load_checkpoint(out, config)
     if checkpoint:
@@ -419,8 +416,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
         first = stream.batches()
         sample = torch.cat([next_batch(first, 0) for _ in range(max(1, 16384 // config.batch_size))])
         for run in runs:
-            run.sae.init_from_data(sample.to(device))
-    writer = MetricsWriter(out, runs, start, config) if ranks.rank == 0 else None
+            run.sae.init_from_data(*run.sae.split_pair(sample.to(device)))
+    writer = MetricsWriter(out, runs, start, config, learning_rate) if ranks.rank == 0 else None
     local = slice(ranks.rank * config.batch_size // ranks.world,
                   (ranks.rank + 1) * config.batch_size // ranks.world)
     progress = tqdm(total=config.steps * config.batch_size, initial=start * config.batch_size,
@@ -439,8 +436,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
     saved = {}
     if ranks.rank == 0:
         save_checkpoint(out, config, config.steps, runs)
-        held_out = (ActivationStream(cache, config.batch_size, stream.hook, shards=holdout)
-                    if holdout else None)
+        held_out = (ActivationStream(cache, config.batch_size, stream.hook, shards=holdout,
+                                     target_hook=stream.target_hook) if holdout else None)
         for run in runs:
             saved[run.name] = finish_run(run, out, held_out, config)
         writer.close()
@@ -459,41 +456,3 @@ def finish_run(run: Run, out: Path, held_out: ActivationStream | None,
                                               "tokens": config.steps * config.batch_size,
                                               "held_out": metrics})
     return folder
-
-
-class MetricsWriter:
-    """Appends one JSON line per SAE every ``log_every`` steps; wandb too if asked for."""
-
-    def __init__(self, out: Path, runs: list[Run], start: int, config: TrainConfig) -> None:
-        self.config, self.files, self.started = config, {}, (time.perf_counter(), start)
-        for run in runs:
-            path = out / run.name / "metrics.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            truncate_metrics(path, start)
-            self.files[run.name] = open(path, "a")
-        self.wandb = None
-        if config.wandb:
-            try:
-                import wandb
-            except ImportError as err:
-                raise TrainingError("--wandb needs wandb: pip install wandb") from err
-            self.wandb = wandb.init(project="saekit", config=asdict(config))
-
-    def log(self, step: int, logs: dict[str, dict[str, float]]) -> None:
-        if step % self.config.log_every and step != self.config.steps:
-            return
-        elapsed = time.perf_counter() - self.started[0]
-        rate = (step - self.started[1]) * self.config.batch_size / max(elapsed, 1e-9)
-        for name, values in logs.items():
-            line = {"step": step, "tokens": step * self.config.batch_size,
-                    "lr": learning_rate(self.config, step - 1), **values, "tokens_per_s": rate}
-            self.files[name].write(json.dumps(line) + "\n")
-            self.files[name].flush()
-            if self.wandb:
-                self.wandb.log({f"{name}/{k}": v for k, v in line.items()}, step=step)
-
-    def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()
-        if self.wandb:
-            self.wandb.finish()

@@ -186,8 +186,13 @@ def test_unknown_layout_lists_found_and_expected(tmp_path):
 
 
 def test_unsupported_variants_are_refused(tmp_path):
-    with pytest.raises(ForeignSAEError, match="transcoder"):
-        load_foreign_sae(write_sparsify(tmp_path / "a", sparsify_weights(), transcode=True))
+    # sparsify transcoders load since transcoders landed (tests/test_transcoder.py checks their
+    # values); a sparsify SAE with a skip connection is still refused
+    transcoder = load_foreign_sae(write_sparsify(tmp_path / "a", sparsify_weights(),
+                                                 transcode=True))
+    assert transcoder.cfg.transcoder and not transcoder.cfg.apply_b_dec_to_input
+    with pytest.raises(ForeignSAEError, match="skip connection"):
+        load_foreign_sae(write_sparsify(tmp_path / "a2", sparsify_weights(), skip_connection=True))
     with pytest.raises(ForeignSAEError, match="groupmax"):
         load_foreign_sae(write_sparsify(tmp_path / "b", sparsify_weights(), activation="groupmax"))
     with pytest.raises(ForeignSAEError, match="transcoder"):

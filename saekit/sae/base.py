@@ -1,4 +1,5 @@
-"""The SAE interface every architecture implements, its config, and SAELens's folder format.
+"""The SAE interface every architecture implements, and SAELens's folder format (the config:
+``saekit.sae.settings``).
 
 All public methods take raw activations. With ``normalize_activations =
 "expected_average_only_in"`` the SAE multiplies its input by
@@ -16,9 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -29,179 +29,12 @@ from torch import Tensor, nn
 from saekit.errors import SAEConfigError, SAEInputError
 from saekit.files import write_json, write_safetensors
 from saekit.sae.kernels import BatchSum, geometric_median
+from saekit.sae.settings import ARCHITECTURES, DTYPES, SAEConfig
+
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
-# SAELens reads cfg.json as its v6 layout (nested metadata) only if metadata says >= 6.0.0.
-SAELENS_FORMAT_VERSION = "6.0.0"
-NORMALIZATIONS = ("none", "expected_average_only_in")
-SAELENS_FIELDS = ("d_in", "d_sae", "k", "dtype", "apply_b_dec_to_input", "normalize_activations",
-                  "reshape_activations")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-          "float64": torch.float64}
-ARCHITECTURES: dict[str, type[SAE]] = {}
-
-
-@dataclass
-class SAEMetadata:
-    """Where the SAE's activations come from (SAELens's ``metadata`` block)."""
-
-    model_name: str | None = None
-    hook_name: str | None = None
-    hook_head_index: int | None = None
-    prepend_bos: bool = True
-    context_size: int | None = None
-    dataset_path: str | None = None
-    model_class_name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # other SAELens metadata keys, kept as read
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
-        return {**self.extra, **out, "sae_lens_version": SAELENS_FORMAT_VERSION}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SAEMetadata:
-        names = {f.name for f in fields(cls)} - {"extra"}
-        extra = {k: v for k, v in data.items() if k not in names and k != "sae_lens_version"}
-        return cls(**{k: v for k, v in data.items() if k in names}, extra=extra)
-
-
-@dataclass
-class SAEConfig:
-    """Shape and architecture of an SAE: the fields every architecture shares, and
-    ``options``, the architecture's own settings (its config dataclass, e.g. ``TopKConfig``).
-
-    Field names follow SAELens where it has them; the rest are saekit's. Coefficients,
-    thresholds and bandwidths are in normalised units (see the module docstring).
-    ``sae_config("topk", 640, 16384, k=32)`` builds one with the settings given by name.
-    """
-
-    architecture: str  # one of ARCHITECTURES: "relu", "topk", "batchtopk", "jumprelu"
-    d_in: int
-    d_sae: int
-    # the architecture's config dataclass; None: its defaults; a dict: its fields by name
-    options: Any = None
-    dtype: str = "float32"
-    apply_b_dec_to_input: bool | None = None  # None: the architecture's default
-    normalize_activations: str = "none"  # or "expected_average_only_in"
-    reshape_activations: str = "none"
-    metadata: SAEMetadata = field(default_factory=SAEMetadata)
-    # saekit's own fields (cfg.json key "saekit")
-    activation_scale: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.metadata, dict):
-            self.metadata = SAEMetadata.from_dict(self.metadata)
-        if self.architecture not in ARCHITECTURES:
-            raise SAEConfigError(f"architecture must be one of {sorted(ARCHITECTURES)}, "
-                                 f"got {self.architecture!r}.")
-        self.options = architecture_options(self.architecture, self.options)
-        for name in ("d_in", "d_sae"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise SAEConfigError(f"{name} must be a positive integer, got {value!r}.")
-        if self.normalize_activations not in NORMALIZATIONS:
-            raise SAEConfigError(f"normalize_activations must be one of {NORMALIZATIONS}, "
-                                 f"got {self.normalize_activations!r}.")
-        if self.dtype not in DTYPES:
-            raise SAEConfigError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
-        if not self.activation_scale > 0:
-            raise SAEConfigError(f"activation_scale must be positive, got {self.activation_scale}.")
-        if self.reshape_activations != "none":
-            raise SAEConfigError("reshape_activations other than 'none' (e.g. 'hook_z') is not "
-                                 "supported: flatten the heads before the SAE.")
-
-    def to_saelens_dict(self, saelens_architecture: str, device: str) -> dict[str, Any]:
-        """cfg.json's content: SAELens's fields at the top, saekit's under ``"saekit"``."""
-        options = asdict(self.options)
-        values = {**options, **{f.name: getattr(self, f.name) for f in fields(self)}}
-        top = {name: values[name] for name in SAELENS_FIELDS if values.get(name) is not None}
-        own = {name: value for name, value in values.items()
-               if name not in (*SAELENS_FIELDS, "architecture", "metadata", "options")}
-        return {"architecture": saelens_architecture, **top, "device": device,
-                **ARCHITECTURES[self.architecture].saelens_extra_fields,
-                "metadata": self.metadata.to_dict(),
-                "saekit": {"architecture": self.architecture, **own}}
-
-    @classmethod
-    def from_saelens_dict(cls, data: dict[str, Any]) -> SAEConfig:
-        """Read cfg.json as saekit or SAELens (v6, or the older flat layout) wrote it."""
-        own = dict(data.get("saekit", {}))
-        saelens_name = data.get("architecture", "standard")
-        architecture = own.pop("architecture", None) or SAELENS_NAMES.get(saelens_name)
-        if architecture not in ARCHITECTURES:
-            raise SAEConfigError(f"cfg.json has architecture {saelens_name!r}; saekit "
-                                 f"reads {sorted(SAELENS_NAMES)}.")
-        if data.get("rescale_acts_by_decoder_norm"):
-            raise SAEConfigError("cfg.json sets rescale_acts_by_decoder_norm, which saekit does "
-                                 "not support: fold the decoder norms in SAELens first.")
-        metadata = data.get("metadata") or {k: data[k] for k in LLM_METADATA_KEYS if k in data}
-        top = {name: data[name] for name in SAELENS_FIELDS if data.get(name) is not None}
-        top["dtype"] = str(top.get("dtype", "float32")).removeprefix("torch.")
-        if "saekit" not in data:  # SAELens's own default, not the architecture's
-            top.setdefault("apply_b_dec_to_input", True)
-            if architecture in ("topk", "batchtopk") and "k" not in top:
-                raise SAEConfigError(f"cfg.json is a SAELens {saelens_name} SAE without k "
-                                     "(active latents per token); add it.")
-        values = {**own, **top}
-        option_names = {f.name for f in fields(ARCHITECTURES[architecture].config_class)}
-        common = {f.name for f in fields(cls)} - {"architecture", "metadata", "options"}
-        # files by older saekit versions hold every architecture's settings: keep this one's
-        return cls(architecture=architecture, metadata=SAEMetadata.from_dict(metadata),
-                   options={k: v for k, v in values.items() if k in option_names},
-                   **{k: v for k, v in values.items() if k in common})
-
-
-def architecture_options(architecture: str, options: Any = None) -> Any:
-    """``options`` as ``architecture``'s config dataclass: None gives its defaults, a dict its
-    fields by name (``SAEConfigError`` naming any field it does not have)."""
-    config_class = ARCHITECTURES[architecture].config_class
-    if options is None:
-        return config_class()
-    if type(options) is config_class:
-        return options
-    if not isinstance(options, dict):
-        raise SAEConfigError(f"options of a {architecture} SAE must be a "
-                             f"{config_class.__name__} or a dict, got {options!r}.")
-    known = [f.name for f in fields(config_class)]
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise SAEConfigError(f"{architecture} SAEs have no setting {', '.join(unknown)}; their "
-                             f"settings are {', '.join(known)}.")
-    return config_class(**options)
-
-
-def sae_config(architecture: str, d_in: int, d_sae: int, **settings: Any) -> SAEConfig:
-    """An SAEConfig with shared fields and the architecture's own settings given alike by name:
-    ``sae_config("topk", 640, 16384, k=32, dtype="bfloat16")``."""
-    shared = {f.name for f in fields(SAEConfig)} - {"options"}
-    options = {**settings.pop("options", {}), **{k: v for k, v in settings.items()
-                                                   if k not in shared}}
-    return SAEConfig(architecture, d_in, d_sae, options=options,
-                     **{k: v for k, v in settings.items() if k in shared})
-
-
-def settings_of(architectures: Sequence[str]) -> set[str]:
-    """Names of the settings at least one of ``architectures`` takes."""
-    return {name for name, owners in architecture_settings().items()
-            if {arch for arch, _ in owners} & set(architectures)}
-
-
-def architecture_settings() -> dict[str, list[tuple[str, Any]]]:
-    """Setting name → ``[(architecture, its dataclass field), ...]`` over every registered
-    architecture (a name several architectures share, such as ``aux_coefficient``, lists each)."""
-    out: dict[str, list[tuple[str, Any]]] = {}
-    for name, sae_class in sorted(ARCHITECTURES.items()):
-        for f in fields(sae_class.config_class):
-            out.setdefault(f.name, []).append((name, f))
-    return out
-
-
-SAELENS_NAMES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
-LLM_METADATA_KEYS = ("model_name", "hook_name", "hook_head_index", "prepend_bos", "context_size",
-                     "dataset_path", "model_class_name")
 
 
 @dataclass
@@ -217,8 +50,9 @@ class TrainStep:
 class SAE(nn.Module):
     """Sparse autoencoder ``x -> acts = f(x) -> x_hat = acts @ W_dec + b_dec``.
 
-    Parameters: ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_in],
-    ``b_dec`` [d_in].
+    Parameters: ``W_enc`` [d_in, d_sae], ``b_enc`` [d_sae], ``W_dec`` [d_sae, d_out],
+    ``b_dec`` [d_out] (d_out = d_in but for transcoders), and for skip transcoders ``W_skip``
+    [d_out, d_in], adding ``x @ W_skip^T`` to the output.
     Subclasses set the class attributes below and implement ``_encode`` and ``_training_step``.
     """
 
@@ -242,14 +76,20 @@ class SAE(nn.Module):
                                  f"got {cfg.architecture!r}: use load_sae or ARCHITECTURES.")
         cfg = copy.deepcopy(cfg)
         if cfg.apply_b_dec_to_input is None:
-            cfg.apply_b_dec_to_input = self.default_apply_b_dec_to_input
+            cfg.apply_b_dec_to_input = self.default_apply_b_dec_to_input and not cfg.transcoder
+        if cfg.transcoder and cfg.apply_b_dec_to_input:
+            raise SAEConfigError("A transcoder cannot subtract b_dec (an output-space bias) from "
+                                 "its input: set apply_b_dec_to_input False.")
         self.check_config(cfg)
         self.cfg = cfg
         like = {"dtype": DTYPES[cfg.dtype], "device": device}
+        d_out = cfg.d_out or cfg.d_in
         self.W_enc = nn.Parameter(torch.zeros(cfg.d_in, cfg.d_sae, **like))
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **like))
-        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, cfg.d_in, **like))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **like))
+        self.W_dec = nn.Parameter(torch.zeros(cfg.d_sae, d_out, **like))
+        self.b_dec = nn.Parameter(torch.zeros(d_out, **like))
+        self.W_skip = nn.Parameter(torch.zeros(d_out, cfg.d_in, **like)) \
+            if cfg.skip_connection else None
         self.add_extra_parameters(like)
         if not self.W_dec.is_meta:
             self.reset_parameters()
@@ -262,6 +102,11 @@ class SAE(nn.Module):
     def d_sae(self) -> int:
         return self.cfg.d_sae
 
+    @property
+    def d_out(self) -> int:
+        """Width of the reconstruction: d_in, or a transcoder's output width."""
+        return self.cfg.d_out or self.cfg.d_in
+
     # --- what architectures override -------------------------------------------------------
 
     def check_config(self, cfg: SAEConfig) -> None:
@@ -273,14 +118,21 @@ class SAE(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Tied init: decoder rows in random directions of norm ``initial_decoder_norm()``,
-        W_enc = W_dec^T, zero biases."""
+        W_enc = W_dec^T (a transcoder whose widths differ draws its encoder directions apart),
+        zero biases and skip term."""
         generator = torch.Generator().manual_seed(self.cfg.seed)
-        directions = torch.randn(self.d_sae, self.d_in, generator=generator, dtype=torch.float64)
-        directions *= self.initial_decoder_norm() / directions.norm(dim=1, keepdim=True)
+
+        def random_rows(width: int) -> Tensor:
+            rows = torch.randn(self.d_sae, width, generator=generator, dtype=torch.float64)
+            return rows * (self.initial_decoder_norm() / rows.norm(dim=1, keepdim=True))
+
+        directions = random_rows(self.d_out)
         self.W_dec.copy_(directions)
-        self.W_enc.copy_(directions.t())
+        self.W_enc.copy_((directions if self.d_out == self.d_in else random_rows(self.d_in)).t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+        if self.W_skip is not None:
+            self.W_skip.zero_()
 
     def initial_decoder_norm(self) -> float:
         """The norm of the decoder rows at initialisation."""
@@ -294,9 +146,11 @@ class SAE(nn.Module):
         """Inference activations [n, d_sae] of normalised input ``x`` [n, d_in]."""
         raise NotImplementedError
 
-    def _training_step(self, x: Tensor, dead_mask: Tensor | None, progress: float,
-                       batch_sum: BatchSum) -> TrainStep:
-        """``training_forward`` on normalised ``x``; ``x_hat`` may be normalised and attached."""
+    def _training_step(self, x: Tensor, target: Tensor, dead_mask: Tensor | None,
+                       progress: float, batch_sum: BatchSum) -> TrainStep:
+        """``training_forward`` on normalised input ``x`` [batch, d_in] and what to reconstruct,
+        ``target`` [batch, d_out] (``x`` itself but for transcoders); ``x_hat`` reconstructs
+        ``target`` (its bias: ``output_bias(x)``) and may be normalised and attached."""
         raise NotImplementedError
 
     def _state_for_saving(self) -> dict[str, Tensor]:
@@ -312,20 +166,43 @@ class SAE(nn.Module):
         return self._encode(self._normalised_input(x)).reshape(*x.shape[:-1], self.d_sae)
 
     def decode(self, acts: Tensor) -> Tensor:
-        """Raw-unit reconstruction [..., d_in] of activations ``acts`` [..., d_sae]."""
+        """Raw-unit reconstruction [..., d_out] of activations ``acts`` [..., d_sae] (without a
+        skip transcoder's skip term, which needs the input: see ``forward``)."""
         if acts.ndim == 0 or acts.shape[-1] != self.d_sae:
             raise SAEInputError(f"Feature activations have shape {tuple(acts.shape)}, but this SAE "
                                 f"has d_sae = {self.d_sae} latents.")
         return self._raw_output(acts.to(self.W_dec.dtype) @ self.W_dec + self.b_dec)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x_hat [..., d_in], acts [..., d_sae])`` for raw activations ``x`` [..., d_in]."""
+        """``(x_hat [..., d_out], acts [..., d_sae])`` for raw activations ``x`` [..., d_in]."""
         acts = self.encode(x)
-        return self.decode(acts), acts
+        x_hat = self.decode(acts)
+        if self.W_skip is not None:
+            skip = self._raw_output(self._normalised_input(x) @ self.W_skip.t())
+            x_hat = x_hat + skip.reshape(x_hat.shape)
+        return x_hat, acts
+
+    def split_pair(self, rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(input, target)`` of rows read from a cache: a transcoder's rows are [input |
+        target] (``ActivationStream.target_hook``), an SAE's its input alone (target None)."""
+        if not self.cfg.transcoder:
+            return rows, None
+        if rows.shape[-1] != self.d_in + self.d_out:
+            raise SAEInputError(f"A transcoder reads rows [input | target] of width d_in + d_out "
+                                f"= {self.d_in + self.d_out}, got shape {tuple(rows.shape)}: "
+                                "read the cache with its output hook as target_hook.")
+        return rows[..., :self.d_in], rows[..., self.d_in:]
+
+    def output_bias(self, x: Tensor) -> Tensor:
+        """What the reconstruction of normalised input ``x`` [n, d_in] adds to the decoded
+        latents: ``b_dec``, plus ``x @ W_skip^T`` for skip transcoders ([n, d_out])."""
+        return self.b_dec if self.W_skip is None else self.b_dec + x @ self.W_skip.t()
 
     def training_forward(self, x: Tensor, dead_mask: Tensor | None = None, progress: float = 1.0,
-                         batch_sum: BatchSum | None = None) -> TrainStep:
-        """Losses on a batch ``x`` [batch, d_in] of raw activations.
+                         batch_sum: BatchSum | None = None, *,
+                         target: Tensor | None = None) -> TrainStep:
+        """Losses on a batch ``x`` [batch, d_in] of raw activations; a transcoder reconstructs
+        ``target`` [batch, d_out] (raw activations at its output hook), an SAE ``x``.
 
         ``dead_mask`` [d_sae] bool marks latents the trainer counts as dead (for AuxK);
         ``progress`` in [0, 1] is the fraction of training done (for coefficient warm-up).
@@ -336,7 +213,10 @@ class SAE(nn.Module):
         if x.ndim != 2:
             raise SAEInputError(f"training_forward takes a batch [batch, d_in], got shape "
                                 f"{tuple(x.shape)}.")
-        step = self._training_step(self._normalised_input(x), dead_mask, progress,
+        x_in = self._normalised_input(x)
+        target = x_in if target is None and not self.cfg.transcoder else \
+            self._normalised_target(target, len(x))
+        step = self._training_step(x_in, target, dead_mask, progress,
                                    batch_sum or (lambda value: value))
         step.x_hat = self._raw_output(step.x_hat.detach())
         step.losses = {k: v if k == "loss" else v.detach() for k, v in step.losses.items()}
@@ -358,17 +238,29 @@ class SAE(nn.Module):
             self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
-    def init_from_data(self, sample: Tensor) -> None:
-        """Data-dependent init from raw activations ``sample`` [n, d_in].
+    def init_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
+        """Data-dependent init from raw activations ``sample`` [n, d_in] (and, for a transcoder,
+        ``target`` [n, d_out], the output hook's activations at the same tokens).
 
-        Sets ``activation_scale`` (when normalising) so that E||x * scale||^2 = d_in, then
-        ``b_dec`` to the geometric median of the normalised sample.
+        Sets ``activation_scale`` (when normalising) so that E||x * scale||^2 = d_in (and a
+        transcoder's ``output_scale`` so that E||y * scale||^2 = d_out), then ``b_dec`` to the
+        geometric median of the normalised sample (of the target, for a transcoder). A
+        transcoder's input is not centred by b_dec (an output-space bias), so its ``b_enc``
+        starts at ``-median(x) @ W_enc``: otherwise the input's large constant part picks the
+        same latents for every token, and most never fire.
         """
         sample = self._check_shape(sample).reshape(-1, self.d_in).to(self.W_dec.device).float()
+        if self.cfg.transcoder:
+            target = self._checked_target(target, len(sample)).to(self.W_dec.device).float()
         if self.cfg.normalize_activations == "expected_average_only_in":
-            mean_sq_norm = sample.pow(2).sum(-1).mean(dtype=torch.float64).item()
-            self.cfg.activation_scale = math.sqrt(self.d_in / max(mean_sq_norm, 1e-30))
-        self.b_dec.copy_(geometric_median(sample * self.cfg.activation_scale))
+            self.cfg.activation_scale = _unit_scale(sample)
+            if target is not None:
+                self.cfg.output_scale = _unit_scale(target)
+        output = sample if target is None else target
+        self.b_dec.copy_(geometric_median(output * self._output_scale))
+        if self.cfg.transcoder:  # b_dec is not subtracted from its input: b_enc centres it
+            centre = geometric_median(sample * self.cfg.activation_scale)
+            self.b_enc.copy_(-(centre.to(self.W_enc.dtype) @ self.W_enc))
 
     @torch.no_grad()
     def fold_activation_scale(self) -> None:
@@ -380,11 +272,14 @@ class SAE(nn.Module):
         already-scaled b_dec put reconstructions in raw units. Call it at the end of training:
         decoder rows then have norm 1/s.
         """
-        scale = self.cfg.activation_scale
+        scale, out_scale = self.cfg.activation_scale, self._output_scale
         self.W_enc.mul_(scale)
-        self.W_dec.div_(scale)
-        self.b_dec.div_(scale)
+        self.W_dec.div_(out_scale)
+        self.b_dec.div_(out_scale)
+        if self.W_skip is not None:  # y s_out = (x s) W_skip^T, so raw y = x W_skip^T s / s_out
+            self.W_skip.mul_(scale / out_scale)
         self.cfg.activation_scale = 1.0
+        self.cfg.output_scale = None
         self.cfg.normalize_activations = "none"
 
     # --- files ------------------------------------------------------------------------------
@@ -458,9 +353,33 @@ class SAE(nn.Module):
         x = self._check_shape(x).reshape(-1, self.d_in).to(self.W_enc.dtype)
         return x if self.cfg.activation_scale == 1.0 else x * self.cfg.activation_scale
 
+    @property
+    def _output_scale(self) -> float:
+        """The factor normalising the reconstruction's units: ``output_scale`` for a transcoder
+        that has one, else ``activation_scale``."""
+        out = self.cfg.output_scale
+        return self.cfg.activation_scale if out is None else out
+
     def _raw_output(self, x_hat: Tensor) -> Tensor:
-        scale = self.cfg.activation_scale
+        scale = self._output_scale
         return x_hat if scale == 1.0 else x_hat / scale
+
+    def _checked_target(self, target: Tensor | None, n: int) -> Tensor:
+        """A transcoder's target as [n, d_out], or ``SAEInputError`` saying what is wrong."""
+        if target is None:
+            raise SAEInputError("A transcoder needs the output hook's activations (target=) "
+                                "to train on.")
+        if target.ndim == 0 or target.shape[-1] != self.d_out or target.numel() != n * self.d_out:
+            raise SAEInputError(f"The target has shape {tuple(target.shape)}, but this "
+                                f"{'transcoder' if self.cfg.transcoder else 'SAE'} needs "
+                                f"[{n}, d_out = {self.d_out}], one row per input row.")
+        return target.reshape(n, self.d_out)
+
+    def _normalised_target(self, target: Tensor | None, n: int) -> Tensor:
+        """[n, d_out]: the target in the weights' dtype, times the output scale."""
+        target = self._checked_target(target, n).to(self.W_enc.dtype)
+        scale = self._output_scale
+        return target if scale == 1.0 else target * scale
 
     def _b_dec_in(self) -> Tensor | None:
         """The bias subtracted from the input before encoding, if any."""
@@ -468,6 +387,12 @@ class SAE(nn.Module):
 
     def _centred(self, x: Tensor) -> Tensor:
         return x if self._b_dec_in() is None else x - self.b_dec
+
+
+def _unit_scale(sample: Tensor) -> float:
+    """The factor s with E||x * s||^2 = width over the rows x of ``sample`` [n, width]."""
+    mean_sq_norm = sample.pow(2).sum(-1).mean(dtype=torch.float64).item()
+    return math.sqrt(sample.shape[-1] / max(mean_sq_norm, 1e-30))
 
 
 def load_sae(folder: str | Path, device: torch.device | str | None = None) -> SAE:

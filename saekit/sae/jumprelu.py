@@ -117,11 +117,11 @@ class JumpReLUSAE(SAE):
         self.log_threshold.fill_(math.log(self.cfg.options.jumprelu_init_threshold))
 
     @torch.no_grad()
-    def init_from_data(self, sample: Tensor) -> None:
+    def init_from_data(self, sample: Tensor, target: Tensor | None = None) -> None:
         """Besides the base init, start each latent's threshold at the pre-activation quantile
         that makes it fire on ``jumprelu_init_l0 / d_sae`` of ``sample``: training then starts
         near that L0 instead of ReLU-dense (thresholds move slowly, as logs under Adam)."""
-        super().init_from_data(sample)
+        super().init_from_data(sample, target)
         target = self.cfg.options.jumprelu_init_l0
         if not target:
             return
@@ -146,14 +146,14 @@ class JumpReLUSAE(SAE):
     def _encode(self, x: Tensor) -> Tensor:
         return jump_relu(self._centred(x) @ self.W_enc + self.b_enc, self.threshold)
 
-    def _training_step(self, x: Tensor, dead_mask: Tensor | None, progress: float,
-                       batch_sum: BatchSum) -> TrainStep:
+    def _training_step(self, x: Tensor, target: Tensor, dead_mask: Tensor | None,
+                       progress: float, batch_sum: BatchSum) -> TrainStep:
         pre = self._centred(x) @ self.W_enc + self.b_enc
         options = self.cfg.options
         threshold, bandwidth = self.threshold, options.jumprelu_bandwidth
         acts = _JumpReLU.apply(pre, threshold, bandwidth)
-        x_hat = acts @ self.W_dec + self.b_dec
-        losses = reconstruction_losses(x, x_hat, batch_sum)
+        x_hat = acts @ self.W_dec + self.output_bias(x)
+        losses = reconstruction_losses(target, x_hat, batch_sum)
         losses["l0"] = batch_mean(_Step.apply(pre, threshold, bandwidth).sum(-1), batch_sum)
         coefficient = warmup(options.l0_coefficient, options.l0_warmup_fraction, progress)
         losses["aux"] = self._dead_preact_loss(pre, threshold, dead_mask, batch_sum)

@@ -64,22 +64,22 @@ class MatryoshkaSAE(BatchTopKSAE):
         options = self.cfg.options
         return prefix_widths(self.d_sae, options.matryoshka_prefixes, options.matryoshka_growth)
 
-    def _reconstruct(self, x: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
+    def _reconstruct(self, x: Tensor, target: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
                      batch_sum: BatchSum) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         # each prefix adds its own latents' decode to the previous prefix's reconstruction
-        x_hat = self.b_dec.expand_as(x)
-        variance = total_variance(x, batch_sum)
+        x_hat = self.output_bias(x).expand_as(target)
+        variance = total_variance(target, batch_sum)
         start, prefix_fvus = 0, []
         for width in self.widths[:-1]:
             group = (cols >= start) & (cols < width)
             x_hat = x_hat + sparse_decode(self.W_dec, rows[group], cols[group], vals[group],
                                           x.shape[0])
-            prefix_fvus.append(batch_sum((x - x_hat).pow(2).sum()) / variance)
+            prefix_fvus.append(batch_sum((target - x_hat).pow(2).sum()) / variance)
             start = width
         group = cols >= start
         x_hat = x_hat + sparse_decode(self.W_dec, rows[group], cols[group], vals[group],
                                       x.shape[0])
-        losses = reconstruction_losses(x, x_hat, batch_sum)
+        losses = reconstruction_losses(target, x_hat, batch_sum)
         prefix_fvus.append(losses["fvu"])
         objective = torch.stack(prefix_fvus).mean()
         losses["prefix_fvu"] = prefix_fvus[0]  # the smallest prefix alone

@@ -48,11 +48,11 @@ class ReLUSAE(SAE):
     def _encode(self, x: Tensor) -> Tensor:
         return (self._centred(x) @ self.W_enc + self.b_enc).relu()
 
-    def _training_step(self, x: Tensor, dead_mask: Tensor | None, progress: float,
-                       batch_sum: BatchSum) -> TrainStep:
+    def _training_step(self, x: Tensor, target: Tensor, dead_mask: Tensor | None,
+                       progress: float, batch_sum: BatchSum) -> TrainStep:
         acts = self._encode(x)
-        x_hat = acts @ self.W_dec + self.b_dec
-        losses = reconstruction_losses(x, x_hat, batch_sum)
+        x_hat = acts @ self.W_dec + self.output_bias(x)
+        losses = reconstruction_losses(target, x_hat, batch_sum)
         losses["l1"] = batch_mean((acts * self.W_dec.norm(dim=1)).sum(-1), batch_sum)
         active = acts > 0
         losses["l0"] = batch_mean(active.sum(-1).to(acts.dtype), batch_sum)

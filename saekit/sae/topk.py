@@ -80,8 +80,8 @@ class TopKSAE(SAE):
     def _observe(self, vals: Tensor, batch_sum: BatchSum) -> None:
         """Hook on the active values [nnz] of each training batch."""
 
-    def _training_step(self, x: Tensor, dead_mask: Tensor | None, progress: float,
-                       batch_sum: BatchSum) -> TrainStep:
+    def _training_step(self, x: Tensor, target: Tensor, dead_mask: Tensor | None,
+                       progress: float, batch_sum: BatchSum) -> TrainStep:
         batch = x.shape[0]
         b_dec_in = self._b_dec_in()
         pre = encoder_preacts(x, b_dec_in, self.W_enc, self.b_enc)
@@ -91,9 +91,9 @@ class TopKSAE(SAE):
                               torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])).relu()
         vals, aux_vals = vals[:rows.numel()], vals[rows.numel():]
         self._observe(vals.detach(), batch_sum)
-        x_hat, losses, objective = self._reconstruct(x, rows, cols, vals, batch_sum)
+        x_hat, losses, objective = self._reconstruct(x, target, rows, cols, vals, batch_sum)
         any_dead = dead_mask is not None and bool(dead_mask.any())
-        losses["auxk"] = self._auxk_loss((x - x_hat).detach(), aux_rows, aux_cols, aux_vals,
+        losses["auxk"] = self._auxk_loss((target - x_hat).detach(), aux_rows, aux_cols, aux_vals,
                                          any_dead, batch_sum)
         active_per_sample = x.new_zeros(batch).index_add_(0, rows, (vals > 0).to(x.dtype))
         losses["l0"] = batch_mean(active_per_sample, batch_sum)
@@ -101,12 +101,12 @@ class TopKSAE(SAE):
         return TrainStep(x_hat=x_hat, losses=losses, fired=fired_latents(cols, vals, self.d_sae),
                          l0=losses["l0"].item())
 
-    def _reconstruct(self, x: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
+    def _reconstruct(self, x: Tensor, target: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
                      batch_sum: BatchSum) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        """``(x_hat, losses, reconstruction objective)`` from the active entries; TopK's
-        objective is the FVU."""
-        x_hat = sparse_decode(self.W_dec, rows, cols, vals, x.shape[0]) + self.b_dec
-        losses = reconstruction_losses(x, x_hat, batch_sum)
+        """``(x_hat, losses, reconstruction objective)``: ``target`` reconstructed from the
+        active entries of input ``x``; TopK's objective is the FVU."""
+        x_hat = sparse_decode(self.W_dec, rows, cols, vals, x.shape[0]) + self.output_bias(x)
+        losses = reconstruction_losses(target, x_hat, batch_sum)
         return x_hat, losses, losses["fvu"]
 
     def _aux_positions(self, pre: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor]:
