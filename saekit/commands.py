@@ -149,8 +149,9 @@ def run_steer(config: SteerConfig) -> None:
     common = {"max_new_tokens": config.max_new_tokens, "temperature": config.temperature,
               "seed": config.seed, "positions": config.positions}
     steered = generate(model, config.prompt, sae, clamp={config.feature: config.value}, **common)
-    print(f"=== steered: clamp feature {config.feature} = {config.value:g} at "
-          f"{sae.cfg.metadata.hook_name} (seed {config.seed}) ===")
+    edited = sae.cfg.metadata.hook_name_out or sae.cfg.metadata.hook_name  # a transcoder's output
+    print(f"=== steered: clamp feature {config.feature} = {config.value:g} at {edited} "
+          f"(seed {config.seed}) ===")
     print(config.prompt + steered)
     if config.compare:
         print(f"=== unsteered (seed {config.seed}) ===")

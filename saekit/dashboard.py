@@ -90,9 +90,14 @@ class DashboardConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if (self.activations is None) == (self.dataset is None):
-            raise ConfigError("saekit dashboard reads --activations CACHE or captures "
-                              "--dataset NAME: give exactly one of them.")
+        check_corpus_source(self, "dashboard")
+
+
+def check_corpus_source(config, command: str) -> None:
+    """A config reads ``activations`` or captures ``dataset``: exactly one of them."""
+    if (config.activations is None) == (config.dataset is None):
+        raise ConfigError(f"saekit {command} reads --activations CACHE or captures "
+                          "--dataset NAME: give exactly one of them.")
 
 
 def esc(text: object) -> str:

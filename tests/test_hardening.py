@@ -21,7 +21,7 @@ from saekit.errors import ConfigError, SaekitError
 from saekit.sae import ARCHITECTURES, SAEMetadata, TopKSAE, load_sae, sae_config
 from saekit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME
 from saekit.dashboard import DashboardConfig
-from saekit.evaluate import EvalConfig
+from saekit.explain_run import ExplainConfig
 from saekit.generation import SteerConfig
 from saekit.steer_eval import SteerEvalConfig
 from saekit.train import TrainConfig, truncate_metrics
@@ -99,7 +99,8 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
 CONFIGS = list(dict.fromkeys([*(c for command in COMMANDS for c in command.configs),
                               *(sae_class.config_class for sae_class in ARCHITECTURES.values())]))
 # the other fields' values while one field is walked (required ones have no usable default)
-VALID = {DashboardConfig: {"dataset": "default"}, SteerConfig: {"feature": 0, "value": 1.0},
+VALID = {DashboardConfig: {"dataset": "default"}, ExplainConfig: {"dataset": "default"},
+         SteerConfig: {"feature": 0, "value": 1.0},
          SteerEvalConfig: {"feature": 0, "values": [1.0]}}
 HOSTILE = [0, -1, 1.5, float("nan"), float("inf"), float("-inf"), 10 ** 30, "x", None, True]
 
