@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -369,8 +370,23 @@ def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
     run.tokens_since_fired += config.batch_size
     run.tokens_since_fired[fired] = 0
     logged = {k: float(v.detach()) for k, v in result.losses.items()}
+    non_finite = {k: v for k, v in logged.items() if not math.isfinite(v)}
+    if non_finite:
+        raise TrainingError(
+            f"{run.name}: the loss became non-finite at step {step} ({non_finite}) - training "
+            f"diverged (lr {config.lr:g}); lower --lr or normalise the activations. "
+            "Nothing from this step was saved: the last checkpoint is intact.")
     logged["dead_fraction"] = float(run.dead_mask(config.dead_tokens).float().mean())
     return logged
+
+
+def check_finite_parameters(runs: list[Run], step: int) -> None:
+    """Refuse to save SAEs whose parameters hold NaN or inf (named by SAE and tensor)."""
+    for run in runs:
+        bad = [name for name, p in run.sae.named_parameters() if not bool(p.isfinite().all())]
+        if bad:
+            raise TrainingError(f"{run.name}: parameters {bad} are non-finite after step "
+                                f"{step}; lower --lr. Not saved.")
 
 
 def train(config: TrainConfig) -> dict[str, Path]:
@@ -431,10 +447,12 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
         if writer:
             writer.log(step + 1, logs)
         if ranks.rank == 0 and ((step + 1) % config.checkpoint_every == 0):
+            check_finite_parameters(runs, step + 1)
             save_checkpoint(out, config, step + 1, runs)
     progress.close()
     saved = {}
     if ranks.rank == 0:
+        check_finite_parameters(runs, config.steps)
         save_checkpoint(out, config, config.steps, runs)
         held_out = (ActivationStream(cache, config.batch_size, stream.hook, shards=holdout,
                                      target_hook=stream.target_hook) if holdout else None)

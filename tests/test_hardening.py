@@ -23,6 +23,7 @@ from saekit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME
 from saekit.dashboard import DashboardConfig
 from saekit.explain_run import ExplainConfig
 from saekit.generation import SteerConfig
+from saekit.search import SearchConfig
 from saekit.steer_eval import SteerEvalConfig
 from saekit.train import TrainConfig, truncate_metrics
 
@@ -101,6 +102,7 @@ CONFIGS = list(dict.fromkeys([*(c for command in COMMANDS for c in command.confi
 # the other fields' values while one field is walked (required ones have no usable default)
 VALID = {DashboardConfig: {"dataset": "default"}, ExplainConfig: {"dataset": "default"},
          SteerConfig: {"feature": 0, "value": 1.0},
+         SearchConfig: {"explanations": "explanations.jsonl", "query": "cheese"},
          SteerEvalConfig: {"feature": 0, "values": [1.0]}}
 HOSTILE = [0, -1, 1.5, float("nan"), float("inf"), float("-inf"), 10 ** 30, "x", None, True]
 
@@ -305,3 +307,23 @@ def test_config_fields_take_numpy_numbers_paths_and_devices():
         TrainConfig(lr=10 ** 400)
     with pytest.raises(ConfigError, match="--tokens takes a whole number"):
         TrainConfig(tokens=np.float64(4096.5))
+
+
+def test_a_diverging_run_stops_with_the_step_and_saves_nothing(small_capture, tmp_path, capsys):
+    """A learning rate that is finite but absurd makes the loss overflow: the run stops at the
+    step it happened, names the SAE and the loss, and saves no SAE with NaN weights."""
+    out = tmp_path / "train"
+    code = cli.main(["train", "--activations", str(small_capture), "--out", str(out),
+                     "--hook", "blocks.6.hook_resid_post", "--latents", "64", "--k", "4",
+                     "--tokens", "1024", "--batch-size", "64", "--holdout-tokens", "0",
+                     "--lr", "1e30"])
+    err = capsys.readouterr().err
+    assert code == 2 and "non-finite at step" in err and "topk_w64_k4" in err, err
+    assert "Traceback" not in err
+    assert not (out / "topk_w64_k4" / WEIGHTS_FILENAME).exists()  # its metrics.jsonl only
+    # nothing blocks the rerun with a sane learning rate
+    args = ["train", "--activations", str(small_capture), "--out", str(out), "--hook",
+            "blocks.6.hook_resid_post", "--latents", "64", "--k", "4", "--tokens", "1024",
+            "--batch-size", "64", "--holdout-tokens", "0"]
+    assert cli.main(args) == 0
+    assert load_sae(out / "topk_w64_k4").W_dec.isfinite().all()
