@@ -97,16 +97,18 @@ def ship_sae(trained: str | Path, dest: str | Path = SHIPPED_SAE) -> Path:
     import torch
     from safetensors.torch import load_file
 
-    from saekit.files import write_safetensors
-    from saekit.sae.base import WEIGHTS_FILENAME
+    from saekit.files import sha256_file, write_safetensors
+    from saekit.sae.base import CFG_FILENAME, WEIGHTS_FILENAME, WEIGHTS_SHA256
 
     trained, dest = Path(trained), Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     weights = load_file(trained / WEIGHTS_FILENAME)
     write_safetensors(dest / WEIGHTS_FILENAME, {k: v.to(torch.bfloat16) for k, v in
                                                 weights.items()})
-    for name in ("cfg.json", "train_summary.json"):
-        shutil.copyfile(trained / name, dest / name)
+    shutil.copyfile(trained / "train_summary.json", dest / "train_summary.json")
+    cfg = json.loads((trained / CFG_FILENAME).read_text())
+    cfg[WEIGHTS_SHA256] = sha256_file(dest / WEIGHTS_FILENAME)  # of the bfloat16 copy
+    write_json(dest / CFG_FILENAME, cfg)
     write_json(dest / "recipe.json", {"command": RETRAIN_COMMAND,
                                       "train": recipe(DemoConfig())})
     return dest

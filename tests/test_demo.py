@@ -60,3 +60,20 @@ def test_shipped_sae_is_what_retrain_trains():
     assert sae.W_dec.dtype.is_floating_point and str(sae.W_dec.dtype) == "torch.float32"
     summary = json.loads((SHIPPED_SAE / "train_summary.json").read_text())
     assert summary["tokens"] <= config.train_tokens and summary["held_out"]["l0"] == config.k
+
+
+def test_shipping_an_sae_stores_bfloat16_weights_that_load_and_verify(tmp_path):
+    """ship_sae rewrites the weights as bfloat16: the cfg.json it writes records their sha256,
+    so the shipped folder loads (as float32) and passes its own integrity check."""
+    import torch
+
+    from saekit.files import write_json
+    from saekit.sae import SAEMetadata, TopKSAE, load_sae, sae_config
+
+    sae = TopKSAE(sae_config("topk", 16, 32, k=4, metadata=SAEMetadata(
+        model_name="gemma-3-270m", hook_name="blocks.6.hook_resid_post")))
+    trained = sae.save(tmp_path / "trained")
+    write_json(trained / "train_summary.json", {"held_out": {}})
+    shipped = load_sae(demo.ship_sae(trained, tmp_path / "shipped"))
+    assert shipped.W_dec.dtype == torch.float32
+    torch.testing.assert_close(shipped.W_dec, sae.W_dec.bfloat16().float())

@@ -86,6 +86,24 @@ def test_cfg_whose_width_disagrees_with_the_weights(saved):
         load_sae(saved)
 
 
+def test_weights_changed_after_saving_are_refused(saved, capsys):
+    """A flipped bit inside a tensor still parses as safetensors; the sha256 that cfg.json
+    records at save catches it, and saekit names the file."""
+    weights = saved / WEIGHTS_FILENAME
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40  # inside the last tensor's values
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SaekitError, match="does not match the sha256"):
+        load_sae(saved)
+    assert cli.main(["steer", "--sae", str(saved), "--feature", "0", "--value", "1",
+                     "--prompt", "x"]) == 2
+    assert str(weights) in capsys.readouterr().err
+    cfg = json.loads((saved / CFG_FILENAME).read_text())
+    del cfg["weights_sha256"]  # as SAELens and older saekit folders have it: not checked
+    (saved / CFG_FILENAME).write_text(json.dumps(cfg))
+    assert load_sae(saved).d_sae == 32
+
+
 def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     log = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saekit.errors import SAEConfigError, SAEInputError
-from saekit.files import write_json, write_safetensors
+from saekit.files import sha256_file, write_json, write_safetensors
 from saekit.sae.kernels import BatchSum, geometric_median
 from saekit.sae.settings import ARCHITECTURES, DTYPES, SAEConfig
 
@@ -35,6 +35,7 @@ from saekit.sae.settings import ARCHITECTURES, DTYPES, SAEConfig
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
+WEIGHTS_SHA256 = "weights_sha256"  # in cfg.json, written at save and checked at load
 
 
 @dataclass
@@ -303,6 +304,7 @@ class SAE(nn.Module):
             (folder / SPARSITY_FILENAME).unlink(missing_ok=True)
         cfg = self.cfg.to_saelens_dict(self.saelens_architecture, str(self.W_dec.device))
         cfg["dtype"] = str(self.W_dec.dtype).removeprefix("torch.")
+        cfg[WEIGHTS_SHA256] = sha256_file(folder / WEIGHTS_FILENAME)  # SAELens ignores it
         write_json(folder / CFG_FILENAME, cfg)
         return folder
 
@@ -314,10 +316,11 @@ class SAE(nn.Module):
             raise SAEConfigError(f"{folder} is not a saved SAE: it needs {CFG_FILENAME} and "
                                  f"{WEIGHTS_FILENAME}.")
         try:
-            cfg = SAEConfig.from_saelens_dict(json.loads((folder / CFG_FILENAME).read_text()))
+            data = json.loads((folder / CFG_FILENAME).read_text())
         except json.JSONDecodeError as err:
             raise SAEConfigError(f"{folder / CFG_FILENAME} is not valid JSON ({err}); restore "
                                  "it from the SAE's source or save the SAE again.") from err
+        cfg = SAEConfig.from_saelens_dict(data)
         device = torch.device(device) if device is not None else torch.get_default_device()
         sae = ARCHITECTURES[cfg.architecture](cfg, device="meta")
         try:
@@ -325,6 +328,11 @@ class SAE(nn.Module):
         except SafetensorError as err:
             raise SAEConfigError(f"{folder / WEIGHTS_FILENAME} is damaged or truncated ({err}); "
                                  "copy or save the SAE again.") from err
+        recorded = data.get(WEIGHTS_SHA256)
+        if recorded and sha256_file(folder / WEIGHTS_FILENAME) != recorded:
+            raise SAEConfigError(f"{folder / WEIGHTS_FILENAME} does not match the sha256 its "
+                                 f"{CFG_FILENAME} recorded at save: it was changed or damaged "
+                                 "since. Copy or save the SAE again.")
         state = {k: v.to(DTYPES[cfg.dtype]) for k, v in sae._state_from_saved(state).items()}
         missing = set(sae.state_dict()) ^ set(state)
         if missing:
