@@ -29,7 +29,7 @@ import torch
 
 from saekit import CaptureConfig, capture_activations, load_model
 from saekit.cache import ActivationCache
-from saekit.capture import hook_layer
+from saekit.model import hook_layer
 from saekit.corpus import load_corpus, pack_token_rows
 
 

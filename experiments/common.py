@@ -114,7 +114,7 @@ def get_cache(args: argparse.Namespace) -> Path:
     """``args.activations``, captured first (``args.capture_tokens`` tokens) if not complete."""
     folder = Path(args.activations)
     if (folder / "manifest.json").exists() and \
-            ActivationCache.open(folder, require_complete=False).manifest.get("complete"):
+            ActivationCache.open(folder, require_complete=False).manifest.complete:
         return folder
     from saekit.capture import CaptureConfig, capture_activations
 
@@ -135,12 +135,20 @@ def train_config(args: argparse.Namespace, **fields: Any) -> TrainConfig:
     return make_train_config(**settings)
 
 
+def canonical_path(path: str | None) -> str | None:
+    """``path`` spelt one way however it was given (``runs/x``, ``./runs/x/``,
+    ``/abs/repo/runs/x``): relative to the repository, symlinks kept. For resume keys."""
+    if not path:
+        return path
+    return os.path.relpath(os.path.abspath(os.path.expanduser(path)), ROOT)
+
+
 def train_saes(args: argparse.Namespace, tag: str, **fields: Any) -> dict[str, Path]:
     """Train (or reuse, if already trained with the same settings) the sweep ``fields``
     describes, under ``OUT/saes/TAG-HASH``; returns name → SAE folder."""
     config = train_config(args, **fields)
-    key = json.dumps(config.resume_key() | {"activations": config.activations}, sort_keys=True,
-                     default=str)
+    key = json.dumps(config.resume_key() | {"activations": canonical_path(config.activations)},
+                     sort_keys=True, default=str)
     config.out = str(Path(args.out) / "saes" / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:8]}")
     d_model = ActivationCache.open(config.activations).d_model
     names = sweep_configs(config, d_model, SAEMetadata())

@@ -257,8 +257,10 @@ def plot(results: dict):
 def resumable_settings(args: argparse.Namespace) -> dict:
     """The flags a concept's result depends on (not which concepts, nor where to write), and
     the version of the measurement."""
-    return {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")} \
-        | {"version": VERSION}
+    settings = {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")}
+    for path in ("activations", "sae", "concepts_file"):  # however they were spelt
+        settings[path] = common.canonical_path(settings.get(path))
+    return settings | {"version": VERSION}
 
 
 def finished_concepts(args: argparse.Namespace) -> dict:

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from saekit.cache import ActivationCache
 from saekit.errors import CacheMismatchError, SaekitError
+from saekit.model import check_hooks, resolve_model_path
 
 HIST_EDGES = torch.logspace(-4, 5, 91)  # [bins + 1] activation bin edges (log-spaced)
 CHUNK_ELEMENTS = 1 << 24  # activations held at once: [tokens, n_features]
@@ -173,7 +174,6 @@ def model_hook(sae) -> str:
 @torch.inference_mode()
 def model_activations(model, hook: str, tokens: Tensor) -> Tensor:
     """Activations at ``hook`` of ``tokens`` ``[rows, context]``: ``[rows, context, d_model]``."""
-    from saekit.capture import check_hooks
 
     stop_at_layer = check_hooks(model, [hook])
     store: dict[str, Tensor] = {}
@@ -211,7 +211,7 @@ def _chunks(sae, source, ids: Tensor, max_rows: int | None) -> Iterator[tuple[in
         return
     hook = sae_hook(sae, source)
     rows_per_chunk = max(1, CHUNK_ELEMENTS // (source.context * max(len(ids), sae.d_sae // 4)))
-    limit = max_rows if max_rows is not None else source.manifest["n_rows"]
+    limit = max_rows if max_rows is not None else source.manifest.n_rows
     for shard in range(source.n_shards):
         start, _ = source.shard_rows(shard)
         if start >= limit:
@@ -225,7 +225,7 @@ def _chunks(sae, source, ids: Tensor, max_rows: int | None) -> Iterator[tuple[in
 def _source_tokens(source, max_rows: int | None) -> tuple[Tensor, int]:
     if isinstance(source, ModelSource):
         return source.tokens[:max_rows].long().cpu(), int(source.model.tokenizer.bos_token_id)
-    return source.tokens()[:max_rows], int(source.manifest["bos_token_id"])
+    return source.tokens()[:max_rows], source.manifest.bos_token_id
 
 
 # --- the pass ----------------------------------------------------------------------------------
@@ -256,6 +256,62 @@ def _windows(flat: Tensor, index: Tensor, context: int, window: tuple[int, int])
     return values * inside
 
 
+@dataclass
+class KeptEntries:
+    """Per feature, the ``k`` entries with the largest keys seen so far: ``keys``, activation
+    ``values`` and flat token ``index`` ``[n, k]``, activation ``window`` ``[n, k, w]``."""
+
+    k: int
+    keys: Tensor
+    values: Tensor
+    index: Tensor
+    window: Tensor
+
+    @classmethod
+    def empty(cls, k: int, n: int, width: int, device: torch.device) -> KeptEntries:
+        none = torch.empty(n, 0, device=device)
+        return cls(k, none, none, none.long(), none[..., None].expand(-1, -1, width))
+
+    def add(self, keys: Tensor, values: Tensor, index: Tensor, window: Tensor) -> None:
+        """Merge new candidates ``[n, m]`` (``window`` ``[n, m, w]``), keeping the top ``k``."""
+        self.keys, self.values, self.index, self.window = _merge(
+            self.keys, keys, self.k, (self.values, values), (self.index, index),
+            (self.window, window))
+
+
+@dataclass
+class RunningStatistics:
+    """Per-feature counts over the usable tokens seen so far (each ``[n]``; ``histogram``
+    ``[n * bins]`` of nonzero activations over ``HIST_EDGES``)."""
+
+    fire_count: Tensor
+    act_sum: Tensor
+    max_activation: Tensor
+    histogram: Tensor
+    n_tokens: int = 0
+
+    @classmethod
+    def zeros(cls, n: int, device: torch.device) -> RunningStatistics:
+        bins = len(HIST_EDGES) - 1
+        return cls(torch.zeros(n, dtype=torch.long, device=device),
+                   torch.zeros(n, dtype=torch.float64, device=device),
+                   torch.full((n,), -math.inf, device=device),
+                   torch.zeros(n * bins, dtype=torch.long, device=device))
+
+    def add(self, flat: Tensor, usable: Tensor) -> None:
+        """Count activations ``flat`` ``[n, T]`` (0 where not ``usable`` ``[T]``)."""
+        fired = flat > 0
+        self.n_tokens += int(usable.sum())
+        self.fire_count += fired.sum(1)
+        self.act_sum += flat.sum(1).double()
+        self.max_activation = torch.maximum(
+            self.max_activation, flat.masked_fill(~usable, -math.inf).max(1).values)
+        which, pos = fired.nonzero(as_tuple=True)
+        slot = torch.bucketize(flat[which, pos], HIST_EDGES[1:-1].to(flat.device))
+        bins = len(HIST_EDGES) - 1
+        self.histogram.index_add_(0, which * bins + slot, torch.ones_like(slot))
+
+
 @torch.inference_mode()
 def scan_features(sae, source, features=None, n_examples: int = 20, n_samples: int = 0,
                   window: tuple[int, int] = (12, 4), seed: int = 0,
@@ -267,43 +323,31 @@ def scan_features(sae, source, features=None, n_examples: int = 20, n_samples: i
     ids = check_features(sae, features)
     tokens, bos = _source_tokens(source, max_rows)
     context = tokens.shape[1]
-    device, n, w = sae.W_dec.device, len(ids), sum(window) + 1
+    device, n, width = sae.W_dec.device, len(ids), sum(window) + 1
     generator = torch.Generator(device=device).manual_seed(seed)
-    empty = torch.empty(n, 0, device=device)
-    top_v, top_i, top_w = empty, empty.long(), empty[..., None].expand(-1, -1, w)
-    smp_k, smp_v, smp_i, smp_w = empty, empty, empty.long(), top_w
-    fire = torch.zeros(n, dtype=torch.long, device=device)
-    total = torch.zeros(n, dtype=torch.float64, device=device)
-    peak = torch.full((n,), -math.inf, device=device)
-    bins = len(HIST_EDGES) - 1
-    hist = torch.zeros(n * bins, dtype=torch.long, device=device)
-    edges = HIST_EDGES[1:-1].to(device)
-    n_tokens = 0
+    top = KeptEntries.empty(n_examples, n, width, device)
+    sample = KeptEntries.empty(n_samples, n, width, device)
+    stats = RunningStatistics.zeros(n, device)
     for row, acts in _chunks(sae, source, ids, max_rows):
         usable = (tokens[row:row + len(acts)] != bos).flatten().to(device)  # [T]
         flat = (acts.reshape(-1, n) * usable[:, None]).T.contiguous()  # [n, T], BOS -> 0
         base = row * context
-        n_tokens += int(usable.sum())
-        fired = flat > 0
-        fire += fired.sum(1)
-        total += flat.sum(1).double()
-        peak = torch.maximum(peak, flat.masked_fill(~usable, -math.inf).max(1).values)
-        which, pos = fired.nonzero(as_tuple=True)
-        slot = torch.bucketize(flat[which, pos], edges)
-        hist.index_add_(0, which * bins + slot, torch.ones_like(slot))
+        stats.add(flat, usable)
         if n_examples:
             v, i = flat.masked_fill(~usable, -1.0).topk(min(n_examples, flat.shape[1]), dim=1)
-            top_v, top_i, top_w = _merge(top_v, v, n_examples, (top_i, i + base),
-                                         (top_w, _windows(flat, i, context, window)))
+            top.add(v, v, i + base, _windows(flat, i, context, window))
         if n_samples:
-            keys = torch.rand(flat.shape, generator=generator, device=device).masked_fill(~fired, -1)
-            k, i = keys.topk(min(n_samples, flat.shape[1]), dim=1)
-            smp_k, smp_v, smp_i, smp_w = _merge(
-                smp_k, k, n_samples, (smp_v, flat.gather(1, i)), (smp_i, i + base),
-                (smp_w, _windows(flat, i, context, window)))
-    cpu = [t.cpu() for t in (top_v, top_i, top_w, smp_k, smp_v, smp_i, smp_w, fire, total, peak)]
-    return FeatureScan(ids, tokens, window, *cpu[:3], *cpu[3:7], n_tokens, *cpu[7:],
-                       hist.view(n, bins).cpu())
+            keys = torch.rand(flat.shape, generator=generator, device=device)
+            k, i = keys.masked_fill(flat <= 0, -1).topk(min(n_samples, flat.shape[1]), dim=1)
+            sample.add(k, flat.gather(1, i), i + base, _windows(flat, i, context, window))
+    return FeatureScan(
+        features=ids, tokens=tokens, window=window, top_values=top.keys.cpu(),
+        top_index=top.index.cpu(), top_window=top.window.cpu(), sample_keys=sample.keys.cpu(),
+        sample_values=sample.values.cpu(), sample_index=sample.index.cpu(),
+        sample_window=sample.window.cpu(), n_tokens=stats.n_tokens,
+        fire_count=stats.fire_count.cpu(), act_sum=stats.act_sum.cpu(),
+        max_activation=stats.max_activation.cpu(),
+        histogram=stats.histogram.view(n, -1).cpu())
 
 
 # --- examples ----------------------------------------------------------------------------------
@@ -332,16 +376,16 @@ def _example(scan: FeatureScan, strings: TokenStrings, feature: int, index: int,
     return Example(feature, row, position, start, ids, strings(ids), acts, value)
 
 
-def _tokenizer(source, tokenizer):
+def source_tokenizer(source, tokenizer=None):
+    """``tokenizer`` if given, else the tokenizer of the model behind ``source`` (a
+    ``ModelSource``'s model, or the model a cache's manifest names)."""
     if tokenizer is not None:
         return tokenizer
     if isinstance(source, ModelSource):
         return source.model.tokenizer
     from transformers import AutoTokenizer
 
-    from saekit.model import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(source.manifest["model"]))
+    return AutoTokenizer.from_pretrained(resolve_model_path(source.manifest.model))
 
 
 def examples_from_scan(scan: FeatureScan, tokenizer) -> dict[int, list[Example]]:
@@ -388,7 +432,7 @@ def top_activating_examples(sae, cache_or_source, features, n_examples: int = 20
     """The ``n_examples`` tokens where each feature is largest (BOS excluded), as examples."""
     source = open_source(cache_or_source)
     scan = scan_features(sae, source, features, n_examples, 0, window, max_rows=max_rows)
-    return examples_from_scan(scan, _tokenizer(source, tokenizer))
+    return examples_from_scan(scan, source_tokenizer(source, tokenizer))
 
 
 def quantile_examples(sae, cache_or_source, features, n_bands: int = 10, per_band: int = 3,
@@ -398,7 +442,7 @@ def quantile_examples(sae, cache_or_source, features, n_bands: int = 10, per_ban
     from a uniform sample of ``n_samples`` of them."""
     source = open_source(cache_or_source)
     scan = scan_features(sae, source, features, 0, n_samples, window, seed, max_rows)
-    return bands_from_scan(scan, _tokenizer(source, tokenizer), n_bands, per_band)
+    return bands_from_scan(scan, source_tokenizer(source, tokenizer), n_bands, per_band)
 
 
 def feature_statistics(sae, cache_or_source, features=None,

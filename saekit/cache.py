@@ -12,7 +12,6 @@ sha256; both are written atomically, the shard first.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,45 +22,31 @@ from safetensors.torch import load_file
 
 from saekit.errors import CacheMismatchError, CorruptCacheError, NonFiniteActivationsError
 from saekit.files import sha256_file
-
-MANIFEST = "manifest.json"
-TOKENS_FILE = "tokens.safetensors"
-CACHE_FORMAT = "saekit-activations/1"
+from saekit.manifest import TOKENS_FILE, CacheManifest, ShardEntry
 
 
 def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def read_manifest(folder: str | Path) -> dict:
-    """The manifest of the cache in ``folder``."""
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise CorruptCacheError(
-            f"{folder} is not an activation cache (no {MANIFEST}). Make one with `saekit cache`."
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CorruptCacheError(f"{path} is not valid JSON ({err}).") from err
-    if manifest.get("format") != CACHE_FORMAT:
-        raise CorruptCacheError(f"{path} is not a {CACHE_FORMAT} manifest.")
-    return manifest
+def read_manifest(folder: str | Path) -> CacheManifest:
+    """The manifest of the cache in ``folder``, checked key by key."""
+    return CacheManifest.read(folder)
 
 
-def check_shard(folder: Path, entry: dict, verify_checksum: bool) -> None:
+def check_shard(folder: Path, entry: ShardEntry, verify_checksum: bool) -> None:
     """Raise ``CorruptCacheError`` if a listed shard is missing, truncated or altered."""
-    path = folder / entry["file"]
+    path = folder / entry.file
     fix = "Run the same `saekit cache` command again to recapture it."
-    if not path.exists():
+    if not path.is_file():
         raise CorruptCacheError(f"Shard {path} is listed in the manifest but missing. {fix}")
     size = path.stat().st_size
-    if size != entry["bytes"]:
+    if size != entry.bytes:
         raise CorruptCacheError(
-            f"Shard {path} has {size} bytes but the manifest says {entry['bytes']}: it is "
+            f"Shard {path} has {size} bytes but the manifest says {entry.bytes}: it is "
             f"truncated or altered. {fix}"
         )
-    if verify_checksum and sha256_file(path) != entry["sha256"]:
+    if verify_checksum and sha256_file(path) != entry.sha256:
         raise CorruptCacheError(f"Shard {path} does not match its sha256 in the manifest. {fix}")
 
 
@@ -70,51 +55,50 @@ class ActivationCache:
     """An opened activation cache. Shapes: tokens ``[n_rows, context]``, shard ``[rows, context, d_model]``."""
 
     folder: Path
-    manifest: dict
+    manifest: CacheManifest
 
     @classmethod
     def open(cls, folder: str | Path, require_complete: bool = True) -> "ActivationCache":
         """Open a cache, checking that every listed shard is there at its listed size."""
         folder = Path(folder)
         manifest = read_manifest(folder)
-        if require_complete and not manifest.get("complete"):
-            done = sum(e["rows"][1] - e["rows"][0] for e in manifest["shards"])
+        if require_complete and not manifest.complete:
+            done = sum(e.n_rows for e in manifest.shards)
             raise CorruptCacheError(
-                f"The cache in {folder} is incomplete ({done} of {manifest['n_rows']} rows). "
+                f"The cache in {folder} is incomplete ({done} of {manifest.n_rows} rows). "
                 "Run the same `saekit cache` command again to finish it."
             )
-        for entry in manifest["shards"]:
+        for entry in manifest.shards:
             check_shard(folder, entry, verify_checksum=False)
         return cls(folder, manifest)
 
     @property
     def hooks(self) -> list[str]:
-        return list(self.manifest["hooks"])
+        return list(self.manifest.hooks)
 
     @property
     def d_model(self) -> int:
-        return int(self.manifest["d_model"])
+        return self.manifest.d_model
 
     @property
     def context(self) -> int:
-        return int(self.manifest["context"])
+        return self.manifest.context
 
     @property
     def n_shards(self) -> int:
-        return len(self.manifest["shards"])
+        return len(self.manifest.shards)
 
     def tokens(self) -> torch.Tensor:
         """Token ids of every row, ``[n_rows, context]`` int64."""
         path = self.folder / TOKENS_FILE
-        if not path.exists() or sha256_file(path) != self.manifest["tokens_sha256"]:
+        if not path.exists() or sha256_file(path) != self.manifest.tokens_sha256:
             raise CorruptCacheError(
                 f"{path} is missing or does not match its sha256 in the manifest."
             )
         return load_file(path)["tokens"].long()
 
     def shard_rows(self, index: int) -> tuple[int, int]:
-        start, end = self.manifest["shards"][index]["rows"]
-        return start, end
+        return self.manifest.shards[index].rows
 
     def check_hook(self, hook: str | None) -> str:
         if hook is None:
@@ -131,14 +115,21 @@ class ActivationCache:
                    verify_checksum: bool = True) -> torch.Tensor:
         """Activations of one shard at ``hook``: ``[rows, context, d_model]`` in the stored dtype."""
         hook = self.check_hook(hook)
-        entry = self.manifest["shards"][index]
+        entry = self.manifest.shards[index]
         check_shard(self.folder, entry, verify_checksum)
-        path = self.folder / entry["file"]
+        path = self.folder / entry.file
         try:
             with safe_open(path, framework="pt") as shard:
-                return shard.get_tensor(hook)
+                acts = shard.get_tensor(hook)
         except Exception as err:  # safetensors raises several kinds for a damaged file
             raise CorruptCacheError(f"Shard {path} could not be read ({err}).") from err
+        expected = (entry.n_rows, self.context, self.d_model)
+        if tuple(acts.shape) != expected:
+            raise CorruptCacheError(
+                f"Shard {path} holds {hook} as {tuple(acts.shape)}, but its manifest says "
+                f"[rows, context, d_model] = {list(expected)}: the cache is damaged. Capture it "
+                "again with `saekit cache`.")
+        return acts
 
 
 @dataclass
@@ -175,7 +166,7 @@ class ActivationStream:
         if not self.shards:
             raise CorruptCacheError(f"No shards to read from {self.cache.folder}.")
         tokens = self.cache.tokens()
-        bos = self.cache.manifest["bos_token_id"]
+        bos = self.cache.manifest.bos_token_id
         self._masks = {}
         for index in self.shards:
             start, end = self.cache.shard_rows(index)
@@ -218,7 +209,7 @@ class ActivationStream:
         if not finite.all():
             position = int((~finite).nonzero()[0])
             raise NonFiniteActivationsError(
-                f"Shard {self.cache.folder / self.cache.manifest['shards'][index]['file']} holds "
+                f"Shard {self.cache.folder / self.cache.manifest.shards[index].file} holds "
                 f"NaN or inf activations at {hook} ({int((~finite).sum())} tokens, the first at "
                 f"usable token {position}). Recapture it, e.g. with --dtype float32 if it was float16."
             )

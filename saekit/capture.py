@@ -8,10 +8,9 @@ resumes, when the same command runs again, from the last complete shard.
 
 from __future__ import annotations
 
-import difflib
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,13 +18,13 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from saekit import __version__
-from saekit.cache import CACHE_FORMAT, MANIFEST, TOKENS_FILE, check_shard, read_manifest, \
-    shard_name
+from saekit.cache import check_shard, read_manifest, shard_name
 from saekit.corpus import DEFAULT_CORPUS, load_corpus, pack_token_rows
-from saekit.config import check_fields, domain
-from saekit.errors import CacheMismatchError, ConfigError, CorruptCacheError, HookNameError
+from saekit.config import check_fields, setting
+from saekit.errors import CacheMismatchError, ConfigError, CorruptCacheError
 from saekit.files import LOCK_FILE, TMP_MARK, output_lock, sha256_file, write_json, write_safetensors
-from saekit.model import DEFAULT_MODEL, load_model
+from saekit.manifest import MANIFEST, TOKENS_FILE, CacheManifest, ShardEntry
+from saekit.model import DEFAULT_MODEL, check_hooks, load_model
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,17 +33,20 @@ STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 class CaptureConfig:
     """What to capture. The CLI's ``saekit cache`` flags are these fields."""
 
-    model: str = DEFAULT_MODEL
-    hooks: list[str] = field(default_factory=lambda: ["blocks.6.hook_resid_post"],
-                             metadata={"flag": "hook"})
-    dataset: str = DEFAULT_CORPUS
-    tokens: int = field(default=1_000_000, metadata=domain(ge=1))
-    context: int = field(default=128, metadata=domain(ge=2))
-    batch_rows: int = field(default=16, metadata=domain(ge=1))
-    shard_rows: int = field(default=512, metadata=domain(ge=1))
-    dtype: str = field(default="float32", metadata=domain(choices=sorted(STORAGE_DTYPES)))
-    seed: int = 0
-    text_field: str = "text"
+    model: str = setting(DEFAULT_MODEL, "model to read: the embedded default, an HF id or a "
+                         "local folder")
+    hooks: list[str] = setting(["blocks.6.hook_resid_post"], "hook(s) to record, e.g. "
+                               "blocks.6.hook_resid_post", flag="hook")
+    dataset: str = setting(DEFAULT_CORPUS, "corpus: 'default' (offline), a local .txt/.jsonl/"
+                           ".parquet file or folder, or an HF dataset name")
+    tokens: int = setting(1_000_000, "tokens to capture (whole rows of --context)", ge=1)
+    context: int = setting(128, "tokens per row", ge=2)
+    batch_rows: int = setting(16, "rows per forward pass", ge=1)
+    shard_rows: int = setting(512, "rows per shard file (rounded to --batch-rows)", ge=1)
+    dtype: str = setting("float32", "storage dtype of the activations",
+                         choices=sorted(STORAGE_DTYPES))
+    seed: int = setting(0, "seed of the corpus shuffle")
+    text_field: str = setting("text", "text column of a .jsonl/.parquet/HF dataset")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -53,6 +55,7 @@ class CaptureConfig:
                               f"--context {self.context}.")
         if not self.hooks:
             raise ConfigError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
+        self.hooks = list(dict.fromkeys(self.hooks))  # a hook named twice is captured once
         self.shard_rows = max(self.batch_rows,
                               self.shard_rows // self.batch_rows * self.batch_rows)
 
@@ -61,36 +64,7 @@ class CaptureConfig:
         return self.tokens // self.context
 
 
-def hook_layer(name: str) -> int | None:
-    """The block index a hook lives in; -1 before the blocks, None after them."""
-    match = re.match(r"blocks\.(\d+)\.", name)
-    if match:
-        return int(match.group(1))
-    return -1 if name.startswith(("embed", "hook_embed", "pos_embed", "hook_pos_embed",
-                                  "rotary_emb")) else None
-
-
-def check_hooks(model, hooks: list[str]) -> int | None:
-    """Raise ``HookNameError`` for unknown hooks; return ``stop_at_layer`` for the deepest."""
-    n_layers = model.cfg.n_layers
-    for name in hooks:
-        layer = hook_layer(name)
-        if layer is not None and layer >= n_layers:
-            raise HookNameError(
-                f"Hook {name!r} is in layer {layer}, but the model has {n_layers} layers "
-                f"(0 to {n_layers - 1})."
-            )
-        if name not in model.hook_dict:
-            near = difflib.get_close_matches(name, list(model.hook_dict), n=5, cutoff=0.6)
-            raise HookNameError(
-                f"The model has no hook {name!r}. Nearest valid names: {', '.join(near) or '-'}. "
-                "List them all with `saekit hooks`."
-            )
-    layers = [hook_layer(name) for name in hooks]
-    return None if None in layers else max(layers) + 1
-
-
-def prepare_out_folder(out: Path, settings: dict) -> dict | None:
+def prepare_out_folder(out: Path, settings: dict) -> CacheManifest | None:
     """Check ``out`` for a resumable cache; return its manifest (None if starting afresh)."""
     if not out.exists():
         return None
@@ -105,9 +79,9 @@ def prepare_out_folder(out: Path, settings: dict) -> dict | None:
             )
         return None
     manifest = read_manifest(out)
-    if manifest["settings"] != settings:
-        differ = {k: (manifest["settings"].get(k), v) for k, v in settings.items()
-                  if manifest["settings"].get(k) != v}
+    if manifest.settings != settings:
+        differ = {k: (manifest.settings.get(k), v) for k, v in settings.items()
+                  if manifest.settings.get(k) != v}
         listed = "; ".join(f"{k}: cache has {old!r}, asked {new!r}" for k, (old, new)
                            in differ.items())
         raise CacheMismatchError(
@@ -115,7 +89,7 @@ def prepare_out_folder(out: Path, settings: dict) -> dict | None:
             "--out, or delete that folder to capture afresh."
         )
     tokens_file = out / TOKENS_FILE
-    if not tokens_file.exists() or sha256_file(tokens_file) != manifest["tokens_sha256"]:
+    if not tokens_file.exists() or sha256_file(tokens_file) != manifest.tokens_sha256:
         raise CorruptCacheError(
             f"{tokens_file} is missing or does not match its manifest checksum. Delete {out} "
             "to capture afresh."
@@ -123,39 +97,39 @@ def prepare_out_folder(out: Path, settings: dict) -> dict | None:
     for leftover in out.glob(f"*{TMP_MARK}*"):
         leftover.unlink()
     kept = []
-    for entry in manifest["shards"]:
+    for entry in manifest.shards:
         try:
             check_shard(out, entry, verify_checksum=True)
         except CorruptCacheError as err:
             tqdm.write(f"saekit: {err} Recapturing from there.")
             break
         kept.append(entry)
-    manifest["complete"] = manifest["complete"] and len(kept) == len(manifest["shards"])
-    manifest["shards"] = kept
+    manifest.complete = manifest.complete and len(kept) == len(manifest.shards)
+    manifest.shards = kept
     return manifest
 
 
-def new_manifest(config: CaptureConfig, model, tokens: torch.Tensor, out: Path) -> dict:
+def shards_intact(out: Path, manifest: CacheManifest) -> bool:
+    """Whether every listed shard is there at its listed size (a damaged one is recaptured
+    by the locked path, which checks hashes too)."""
+    try:
+        for entry in manifest.shards:
+            check_shard(out, entry, verify_checksum=False)
+    except CorruptCacheError:
+        return False
+    return True
+
+
+def new_manifest(config: CaptureConfig, model, tokens: torch.Tensor, out: Path
+                 ) -> CacheManifest:
+    """Write the token rows ``[n_rows, context]`` and return the empty cache's manifest."""
     write_safetensors(out / TOKENS_FILE, {"tokens": tokens.to(torch.int32)})
-    return {
-        "format": CACHE_FORMAT,
-        "saekit_version": __version__,
-        "settings": asdict(config),
-        "model": config.model,
-        "hooks": list(config.hooks),
-        "d_model": int(model.cfg.d_model),
-        "n_layers": int(model.cfg.n_layers),
-        "dtype": config.dtype,
-        "context": config.context,
-        "n_rows": int(tokens.shape[0]),
-        "n_tokens": int(tokens.numel()),
-        "shard_rows": config.shard_rows,
-        "bos_token_id": int(model.tokenizer.bos_token_id),
-        "tokens_file": TOKENS_FILE,
-        "tokens_sha256": sha256_file(out / TOKENS_FILE),
-        "shards": [],
-        "complete": False,
-    }
+    return CacheManifest(
+        settings=asdict(config), model=config.model, hooks=list(config.hooks),
+        d_model=int(model.cfg.d_model), n_layers=int(model.cfg.n_layers), dtype=config.dtype,
+        context=config.context, n_rows=int(tokens.shape[0]), n_tokens=int(tokens.numel()),
+        shard_rows=config.shard_rows, bos_token_id=int(model.tokenizer.bos_token_id),
+        tokens_sha256=sha256_file(out / TOKENS_FILE), saekit_version=__version__)
 
 
 @torch.inference_mode()
@@ -179,18 +153,18 @@ def capture_shard(model, rows: torch.Tensor, hooks: list[str], stop_at_layer: in
 
 
 def write_shard(path: Path, acts: dict[str, torch.Tensor], start: int, end: int
-                ) -> tuple[dict, int]:
+                ) -> tuple[ShardEntry, int]:
     """Write one shard atomically; its manifest entry and the row it ends at."""
     write_safetensors(path, acts)
-    return {"file": path.name, "rows": [start, end], "bytes": path.stat().st_size,
-            "sha256": sha256_file(path)}, end
+    return ShardEntry(path.name, (start, end), path.stat().st_size, sha256_file(path)), end
 
 
-def record_shard(out: Path, manifest: dict, entry: dict, end: int, n_rows: int) -> None:
+def record_shard(out: Path, manifest: CacheManifest, entry: ShardEntry, end: int, n_rows: int
+                 ) -> None:
     """List a written shard in the manifest (rewritten atomically)."""
-    manifest["shards"].append(entry)
-    manifest["complete"] = end == n_rows
-    write_json(out / MANIFEST, manifest)
+    manifest.shards.append(entry)
+    manifest.complete = end == n_rows
+    write_json(out / MANIFEST, manifest.to_dict())
 
 
 def capture_activations(config: CaptureConfig, out: str | Path, model=None,
@@ -204,7 +178,8 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
     out = Path(out)
     if (out / MANIFEST).is_file():  # a finished cache is only read: no lock, no write access
         manifest = read_manifest(out)
-        if manifest["complete"] and manifest["settings"] == asdict(config):
+        if (manifest.complete and manifest.settings == asdict(config)
+                and shards_intact(out, manifest)):
             return out
     with output_lock(out, "cache") as out:
         return _capture_into(config, out, model, device)
@@ -213,7 +188,7 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
 def _capture_into(config: CaptureConfig, out: Path, model, device) -> Path:
     settings = asdict(config)
     manifest = prepare_out_folder(out, settings)
-    if manifest is not None and manifest["complete"]:
+    if manifest is not None and manifest.complete:
         return out
     model = model if model is not None else load_model(config.model, device=device)
     stop_at_layer = check_hooks(model, config.hooks)
@@ -226,11 +201,10 @@ def _capture_into(config: CaptureConfig, out: Path, model, device) -> Path:
         tokens = pack_token_rows(documents, model.tokenizer, config.n_rows, config.context)
         out.mkdir(parents=True, exist_ok=True)
         manifest = new_manifest(config, model, tokens, out)
-        write_json(out / MANIFEST, manifest)
+        write_json(out / MANIFEST, manifest.to_dict())
     else:
         tokens = load_file(out / TOKENS_FILE)["tokens"].long()
-    done = manifest["shards"][-1]["rows"][1] if manifest["shards"] else 0
-    n_rows = manifest["n_rows"]
+    done, n_rows = manifest.rows_done, manifest.n_rows
     progress = tqdm(total=n_rows * config.context, initial=done * config.context, unit="tok",
                     unit_scale=True, desc=f"capture {', '.join(config.hooks)}")
     # Shard i is written and hashed on a worker thread while shard i + 1 is computed (file I/O
@@ -243,7 +217,7 @@ def _capture_into(config: CaptureConfig, out: Path, model, device) -> Path:
                                  config.batch_rows, STORAGE_DTYPES[config.dtype], progress)
             if pending is not None:
                 record_shard(out, manifest, *pending.result(), n_rows)
-            index = len(manifest["shards"])  # the shard before is recorded by now
+            index = len(manifest.shards)  # the shard before is recorded by now
             pending = writer.submit(write_shard, out / shard_name(index), acts, start, end)
         if pending is not None:
             record_shard(out, manifest, *pending.result(), n_rows)

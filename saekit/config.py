@@ -58,11 +58,14 @@ def domain(**bounds: Any) -> dict:
 DEVICE_HELP = "cpu, cuda, cuda:1, mps ... (default: the best available)"
 
 
-def setting(default: Any, help: str, required: bool = False, **bounds: Any) -> Any:
+def setting(default: Any, help: str, required: bool = False, flag: str | None = None,
+            **bounds: Any) -> Any:
     """A config field with its ``--help`` text and, optionally, its domain:
     ``k: int = setting(32, "active latents per sample", ge=1)``; ``required``: the command
-    line must give it."""
+    line must give it; ``flag``: its flag's name when not the field's (``hook`` for ``hooks``)."""
     metadata = {"help": help, "required": required, **(domain(**bounds) if bounds else {})}
+    if flag:
+        metadata["flag"] = flag
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: copy.deepcopy(default),
                                  metadata=metadata)
@@ -99,6 +102,10 @@ def _check_fields(config: Any) -> None:
             value = [_checked_value(f, item_kind, item, rule) for item in value]
         else:
             value = _checked_value(f, kind, value, rule)
+        if f.name == "device" and value:
+            from saekit.model import check_device  # torch only when a device is named
+
+            check_device(value)
         object.__setattr__(config, f.name, value)
 
 

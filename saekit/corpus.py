@@ -189,13 +189,22 @@ def _dataset_documents(dataset: Iterable[dict], text_field: str, name: str) -> I
         except UnicodeDecodeError as err:
             raise CorpusError(f"Corpus {name!r} is not UTF-8 text ({err}). Convert it to UTF-8, "
                               "or pass another --dataset.") from None
+        except Exception as err:  # noqa: BLE001 - datasets/pyarrow raise many kinds for bad files
+            raise CorpusError(f"Could not read corpus {name!r}: {type(err).__name__}: {err}. "
+                              "Fix the file (one JSON object per line for .jsonl), or pass "
+                              "another --dataset.") from None
         if text_field not in record:
             raise CorpusError(
                 f"Dataset {name!r} has no field {text_field!r}; its fields are "
                 f"{sorted(record)}. Pass --text-field with one of them."
             )
-        if record[text_field]:
-            yield record[text_field]
+        text = record[text_field]
+        if text is not None and not isinstance(text, str):
+            raise CorpusError(f"Dataset {name!r}: field {text_field!r} holds "
+                              f"{type(text).__name__}, not text. Pass --text-field naming a "
+                              "text field.")
+        if text and text.strip():  # blank documents would pack rows of BOS and whitespace
+            yield text
 
 
 def load_corpus(source: str = DEFAULT_CORPUS, seed: int = 0, text_field: str = "text",

@@ -83,9 +83,11 @@ RETRAIN_COMMAND = "saekit demo --retrain --tokens 1200000"
 def recipe(config: DemoConfig) -> dict:
     """The training settings ``--retrain`` uses, without the run's folders."""
     train_config = shipped_train_config("", "", config)
+    left_out = {"activations", "out", "device", "options"}
+    if not train_config.hook_out:  # an SAE, not a transcoder: as recipes before transcoders
+        left_out |= {"hook_out", "skip_connection"}
     settings = asdict(train_config)
-    return {k: v for k, v in settings.items() if k not in ("activations", "out", "device",
-                                                           "options")} \
+    return {k: v for k, v in settings.items() if k not in left_out} \
         | {"sweep": train_config.resume_key()["sweep"]}
 
 
@@ -162,7 +164,7 @@ def concept_result(model, sae, sae_dir: Path, cache: ActivationCache, name: str,
     """``find_concept_steering`` for the concept, kept in ``OUT/concepts/`` and reused when the
     SAE, cache and settings are the same."""
     key = {"sae": str(sae_dir), "cache": str(cache.folder), "n_tokens":
-           cache.manifest["n_tokens"], "keywords": keywords, "seed": config.seed,
+           cache.manifest.n_tokens, "keywords": keywords, "seed": config.seed,
            "samples": config.samples_per_prompt, "max_new_tokens": config.max_new_tokens,
            "statistics_rows": config.statistics_rows, "groups": config.groups,
            "validation_samples": config.validation_samples}
@@ -216,7 +218,7 @@ def run_demo(config: DemoConfig) -> dict:
     capture_activations(CaptureConfig(tokens=config.tokens, seed=config.seed,
                                       shard_rows=config.shard_rows), activations, model=model)
     cache = ActivationCache.open(activations)
-    print(f"{cache.manifest['n_tokens']:,} tokens of the default corpus at "
+    print(f"{cache.manifest.n_tokens:,} tokens of the default corpus at "
           f"{', '.join(cache.hooks)} in {activations}")
 
     section("2. the SAE", started)

@@ -35,6 +35,7 @@ from saekit.errors import SaekitError
 from saekit.files import atomic_path, check_writable, write_json
 from saekit.formats import SAE_HELP, load_foreign_sae
 from saekit.sae import SAE
+from saekit.model import check_hooks, loaded_model_name
 
 DEAD_FREQUENCY = 1e-6
 DENSE_FREQUENCY = 0.1
@@ -214,7 +215,6 @@ def downstream_metrics(model, sae: SAE, tokens: Tensor, batch_rows: int = 4,
     ``ce_loss_recovered``, ``delta_lm_loss``, ``kl_div``, ``scored_predictions``, ``rows``,
     ``context`` and ``reconstruction_metrics``'s keys (``tokens``: non-BOS positions).
     """
-    from saekit.capture import check_hooks
 
     hook, hook_out = spliced_hooks_of(sae, hook_name, hook_out)
     if tokens.ndim != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
@@ -335,7 +335,7 @@ def evaluate_sae(sae_dir: str | Path, dataset: str = "default", tokens: int = DE
     name = sae.cfg.metadata.model_name or DEFAULT_MODEL
     if model is None:
         model = load_model(name, device=device)
-    name = getattr(model, "saekit_model_name", name)
+    name = loaded_model_name(model, name)
     sae = sae.to(next(model.parameters()).device).eval()
     rows = pack_token_rows(load_corpus(dataset, seed=seed), model.tokenizer, tokens // context,
                            context)

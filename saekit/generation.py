@@ -145,6 +145,8 @@ def generate(model, prompt: str, sae: SAE | None = None,
     """
     if sae is None and any(v for v in (clamp, add, ablate, hook)):
         raise SteeringError("clamp, add, ablate and hook need an sae.")
+    if not isinstance(prompt, str) or not prompt:
+        raise SteeringError(f"generate takes the prompt as a non-empty string, got {prompt!r}.")
     plan = [] if sae is None else [Intervention(sae, clamp or {}, add or {}, ablate or (), hook)]
     tokens = model.to_tokens(prompt)
     new = sample_tokens(model, tokens, plan, max_new_tokens, temperature, seed, positions)

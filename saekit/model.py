@@ -9,15 +9,18 @@ Face model name or local HF folder goes through the same ``from_pretrained`` pat
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import shutil
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from saekit.errors import ModelLoadError
+from saekit.errors import ConfigError, HookNameError, ModelLoadError
 
 DEFAULT_MODEL = "gemma-3-270m"
 EMBEDDED_MODELS = {DEFAULT_MODEL: "google/gemma-3-270m"}
@@ -118,10 +121,30 @@ def load_hf_model(name: str = DEFAULT_MODEL, device: str | torch.device | None =
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``device`` if given (checked: ``ConfigError`` if it is not one or this machine lacks
+    it), else CUDA when available, else CPU."""
+    if device is None or device == "":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return check_device(device)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, or ``ConfigError`` naming what is wrong with it."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise ConfigError(f"--device {device!r} is not a device ({err}); give cpu, cuda, "
+                          "cuda:N or mps.") from None
+    available = {"cpu": lambda: True, "meta": lambda: True,
+                 "cuda": lambda: torch.cuda.is_available()
+                 and (parsed.index or 0) < torch.cuda.device_count(),
+                 "mps": lambda: torch.backends.mps.is_available()}
+    if not available.get(parsed.type, lambda: False)():
+        have = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] \
+            + (["mps"] if torch.backends.mps.is_available() else [])
+        raise ConfigError(f"--device {device}: this machine has no such device; it has "
+                          f"{', '.join(have)}.")
+    return parsed
 
 
 def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = None,
@@ -135,5 +158,44 @@ def load_model(name: str = DEFAULT_MODEL, device: str | torch.device | None = No
         device=default_device(device), dtype=dtype,
     )
     bridge.eval()
-    bridge.saekit_model_name = name
+    LOADED_NAMES[bridge] = name
     return bridge
+
+
+LOADED_NAMES: "weakref.WeakKeyDictionary[object, str]" = weakref.WeakKeyDictionary()
+
+
+def loaded_model_name(model, fallback: str | None = None) -> str | None:
+    """The name ``load_model`` was given for ``model`` (e.g. ``gemma-3-270m``), else
+    ``fallback`` (a model loaded some other way)."""
+    return LOADED_NAMES.get(model, fallback)
+
+
+def hook_layer(name: str) -> int | None:
+    """The block index a hook lives in; -1 before the blocks, None after them."""
+    match = re.match(r"blocks\.(\d+)\.", name)
+    if match:
+        return int(match.group(1))
+    return -1 if name.startswith(("embed", "hook_embed", "pos_embed", "hook_pos_embed",
+                                  "rotary_emb")) else None
+
+
+def check_hooks(model, hooks: list[str]) -> int | None:
+    """Raise ``HookNameError`` for unknown hooks; return ``stop_at_layer`` for the deepest."""
+    n_layers = model.cfg.n_layers
+    for name in hooks:
+        layer = hook_layer(name)
+        if layer is not None and layer >= n_layers:
+            raise HookNameError(
+                f"Hook {name!r} is in layer {layer}, but the model has {n_layers} layers "
+                f"(0 to {n_layers - 1})."
+            )
+        if name not in model.hook_dict:
+            near = difflib.get_close_matches(name, list(model.hook_dict), n=5, cutoff=0.6)
+            raise HookNameError(
+                f"The model has no hook {name!r}."
+                + (f" Nearest valid names: {', '.join(near)}." if near else "") + " "
+                "List them all with `saekit hooks`."
+            )
+    layers = [hook_layer(name) for name in hooks]
+    return None if None in layers else max(layers) + 1

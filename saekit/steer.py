@@ -32,6 +32,7 @@ from torch import Tensor
 
 from saekit.errors import SaekitError
 from saekit.sae import SAE
+from saekit.model import check_hooks
 
 Positions = Literal["all", "generated"]
 POSITIONS = ("all", "generated")
@@ -104,7 +105,8 @@ class Intervention:
 
     def check(self, model) -> None:
         """Raise if a hook is not in ``model`` or a residual hook's width is not the SAE's."""
-        check_hook_width(model, self.hook_name, self.sae.d_out, "The SAE reconstructs width")
+        what = "The transcoder writes d_out =" if self.input_hook else "The SAE takes d_in ="
+        check_hook_width(model, self.hook_name, self.sae.d_out, what)
         if self.input_hook:
             check_hook_width(model, self.input_hook, self.sae.d_in, "The transcoder takes d_in =")
 
@@ -133,6 +135,8 @@ class Intervention:
         return acts
 
     def _feature(self, feature: Any) -> int:
+        if isinstance(feature, bool):
+            raise SteeringError(f"Feature indices are integers, got {feature!r}.")
         try:
             index = operator.index(feature)
         except TypeError:
@@ -233,7 +237,6 @@ class OnRows:
 
 def check_hook_width(model, hook: str, width: int, what: str) -> None:
     """Raise if ``hook`` is not in ``model``, or is a residual hook whose width is not ``width``."""
-    from saekit.capture import check_hooks
 
     check_hooks(model, [hook])
     d_model = getattr(model.cfg, "d_model", None)

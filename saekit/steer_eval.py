@@ -25,6 +25,7 @@ from saekit.sae import SAE
 from saekit.generation import (GenerationConfig, sample_tokens,
                                stop_token_ids)
 from saekit.steer import Intervention, OnRows, Positions, SteeringError, steer
+from saekit.model import loaded_model_name
 
 NEUTRAL_PROMPTS = Path(__file__).parent / "data" / "neutral_prompts.txt"
 RESULT_JSON = "steering_curve.json"
@@ -196,6 +197,14 @@ def measure_settings(model, plans: Sequence[Sequence[Any]], prompts: Sequence[st
     return results
 
 
+def check_texts(texts: Any, what: str) -> None:
+    """``texts`` must be a non-empty list of strings (a bare string would be read letter by
+    letter)."""
+    if isinstance(texts, str) or not texts or not all(isinstance(t, str) for t in texts):
+        raise SteeringError(f"{what} takes a non-empty list of strings, got {texts!r}"
+                            + (f"; write [{texts!r}]" if isinstance(texts, str) else "") + ".")
+
+
 def steering_sweep(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str],
                    concept_keywords: Sequence[str], max_new_tokens: int = 30,
                    samples_per_prompt: int = 4, temperature: float = 0.7, seed: int = 0,
@@ -208,8 +217,10 @@ def steering_sweep(model, plans: Sequence[Sequence[Any]], prompts: Sequence[str]
     """
     if not plans:
         raise SteeringError("Give at least one steering setting.")
-    if not prompts:
-        raise SteeringError("Give at least one prompt.")
+    check_texts(prompts, "prompts")
+    check_texts(concept_keywords, "concept_keywords")
+    if neutral_texts is not None:
+        check_texts(neutral_texts, "neutral_texts")
     if samples_per_prompt < 1:
         raise SteeringError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}.")
     for plan in plans:
@@ -263,7 +274,7 @@ def steering_curve(model, sae: SAE, feature: int, values: Sequence[float],
     result = {
         "feature": int(feature),
         "hook": plans[0][0].hook_name,
-        "model": getattr(model, "saekit_model_name", None) or sae.cfg.metadata.model_name,
+        "model": loaded_model_name(model, sae.cfg.metadata.model_name),
         "d_sae": sae.d_sae,
         "concept_keywords": list(concept_keywords),
         "values": [float(v) for v in values],

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
-from saekit.config import check_fields, domain, setting
+from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
 from saekit.files import FolderInUseError, output_lock, save_torch, write_json
@@ -48,35 +48,37 @@ class TrainConfig:
     settings not given keep the architecture's default (see ``saekit.sae``'s config classes).
     """
 
-    activations: str = ""
-    out: str = ""
-    arch: list[str] = field(default_factory=lambda: ["topk"])
-    latents: list[int] = field(default_factory=lambda: [4096], metadata=domain(ge=1))
+    activations: str = setting("", "activation cache to train on (from `saekit cache`)")
+    out: str = setting("", "folder for the SAEs, their metrics.jsonl and the checkpoint")
+    arch: list[str] = setting(["topk"], "architecture(s) to train (swept)")
+    latents: list[int] = setting([4096], "number of latents, d_sae (swept)", ge=1)
     # architecture setting -> values swept (a single value is a one-item sweep)
     options: dict[str, list] = field(default_factory=dict, metadata={
         "cli": False, "architecture_settings": True})  # CLI: one flag per setting
-    tokens: int = field(default=500_000, metadata=domain(ge=1))
-    batch_size: int = field(default=1024, metadata=domain(ge=1))
-    lr: float = field(default=1e-3, metadata=domain(gt=0))
-    lr_warmup_fraction: float = field(default=0.05, metadata=domain(ge=0, le=1))
-    # linear decay to 0 over the last part of training
-    lr_decay_fraction: float = field(default=0.2, metadata=domain(ge=0, le=1))
-    hook: str | None = None
+    tokens: int = setting(500_000, "training tokens (steps = tokens // batch size)", ge=1)
+    batch_size: int = setting(1024, "tokens per optimiser step", ge=1)
+    lr: float = setting(1e-3, "Adam learning rate", gt=0)
+    lr_warmup_fraction: float = setting(0.05, "fraction of steps warming the lr up from 0",
+                                        ge=0, le=1)
+    lr_decay_fraction: float = setting(0.2, "fraction of steps, at the end, decaying the lr "
+                                       "linearly to 0", ge=0, le=1)
+    hook: str | None = setting(None, "hook of the cache to read (needed when it holds several)")
     hook_out: str | None = setting(None, "train transcoders: reconstruct this hook of the cache "
                                    "from --hook's activations (e.g. blocks.6.hook_mlp_out)")
     skip_connection: bool = setting(False, "skip transcoders: also learn a linear map from "
                                     "--hook to --hook-out (needs --hook-out)")
-    normalize: bool = True  # scale inputs so E||x||^2 = d_in (folded into the weights at save)
-    # a latent idle this many tokens counts as dead (AuxK, reports)
-    dead_tokens: int = field(default=50_000, metadata=domain(ge=1))
-    # the cache's last shards, this many tokens, kept for evaluation
-    holdout_tokens: int = field(default=65_536, metadata=domain(ge=0))
-    buffer_tokens: int = field(default=1 << 18, metadata=domain(ge=1))
-    seed: int = 0
-    checkpoint_every: int = field(default=100, metadata=domain(ge=1))
-    log_every: int = field(default=10, metadata=domain(ge=1))
-    device: str | None = None
-    wandb: bool = False
+    normalize: bool = setting(True, "scale inputs so E||x||^2 = d_in (folded into the weights "
+                              "at save)")
+    dead_tokens: int = setting(50_000, "a latent idle this many tokens counts as dead (AuxK, "
+                               "reports)", ge=1)
+    holdout_tokens: int = setting(65_536, "tokens of the cache's last shards kept for the "
+                                  "held-out evaluation (0: none)", ge=0)
+    buffer_tokens: int = setting(1 << 18, "shuffle buffer, in tokens", ge=1)
+    seed: int = setting(0, "seed of initialisation and shuffling")
+    checkpoint_every: int = setting(100, "steps between checkpoints (resume after a kill)", ge=1)
+    log_every: int = setting(10, "steps between metrics.jsonl lines", ge=1)
+    device: str | None = setting(None, DEVICE_HELP)
+    wandb: bool = setting(False, "also log to Weights & Biases (needs wandb installed)")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -272,8 +274,13 @@ def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
     path = out / CHECKPOINT
     if not path.exists():
         return None
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved = dict(checkpoint["config"])
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved_config = checkpoint["config"]
+    except Exception as err:  # noqa: BLE001 - torch reports a damaged file in several ways
+        raise TrainingError(f"{path} is damaged ({type(err).__name__}: {err}); it is only a "
+                            "resume point: delete it to train from the start.") from None
+    saved = dict(saved_config)
     saved.pop("out", None)  # checkpoints before the key compared resolved paths
     _upgrade_legacy_sweep(saved)
     if saved.get("activations"):
@@ -416,7 +423,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
                             f"{ranks.world} processes.")
     cache, stream, holdout = open_stream(config)
     out = Path(config.out)
-    metadata = SAEMetadata(model_name=cache.manifest["model"], hook_name=stream.hook,
+    metadata = SAEMetadata(model_name=cache.manifest.model, hook_name=stream.hook,
                            context_size=cache.context, dataset_path=str(cache.folder),
                            hook_name_out=stream.target_hook)
     runs = make_runs(sweep_configs(config, cache.d_model, metadata), config, device)

@@ -32,7 +32,7 @@ def all_acts(sae, cache: ActivationCache) -> torch.Tensor:
     acts = torch.cat([cache.load_shard(i, HOOK) for i in range(cache.n_shards)])
     with torch.no_grad():
         feats = sae.encode(acts)
-    return feats * (cache.tokens() != cache.manifest["bos_token_id"])[..., None]
+    return feats * (cache.tokens() != cache.manifest.bos_token_id)[..., None]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_top_examples_match_brute_force(sae, cache, model):
             assert torch.allclose(torch.tensor(e.activations), brute[e.row, start:end, f],
                                   atol=1e-5)
             assert e.tokens == [model.tokenizer.decode([i]) for i in e.token_ids]
-            assert e.token_ids[e.position - start] != cache.manifest["bos_token_id"]
+            assert e.token_ids[e.position - start] != cache.manifest.bos_token_id
 
 
 def test_model_source_matches_cache(sae, cache, model):
@@ -83,7 +83,7 @@ def test_model_source_matches_cache(sae, cache, model):
 
 def test_statistics_and_quantiles(sae, cache, model):
     brute = all_acts(sae, cache)
-    usable = cache.tokens() != cache.manifest["bos_token_id"]
+    usable = cache.tokens() != cache.manifest.bos_token_id
     stats = A.feature_statistics(sae, cache)
     flat = brute[usable]  # [tokens, d_sae]
     assert stats.n_tokens == len(flat)
@@ -143,7 +143,7 @@ def test_search_ranks_planted_feature_first(cache, model):
     ids = torch.cat([torch.tensor([[model.tokenizer.bos_token_id]]), ids], 1)
     text_acts = A.model_activations(model, HOOK, ids)[0, 1:].float()
     corpus = torch.cat([cache.load_shard(i, HOOK) for i in range(cache.n_shards)])
-    corpus = corpus[cache.tokens() != cache.manifest["bos_token_id"]]
+    corpus = corpus[cache.tokens() != cache.manifest.bos_token_id]
     # A discriminant direction (corpus covariance, lightly regularised), so the planted feature
     # fires on the text's tokens, not just on its one largest-norm token.
     cov = torch.cov(corpus.T.float())

@@ -14,7 +14,7 @@ HOOK = "blocks.6.hook_resid_post"
 
 def _all_tokens(cache: ActivationCache) -> torch.Tensor:
     acts = torch.cat([cache.load_shard(i, HOOK) for i in range(cache.n_shards)])
-    keep = cache.tokens().flatten() != cache.manifest["bos_token_id"]
+    keep = cache.tokens().flatten() != cache.manifest.bos_token_id
     return acts.reshape(-1, cache.d_model)[keep]
 
 

@@ -32,7 +32,7 @@ def test_cli_capture_matches_transformers_hidden_states(tmp_path, capsys):
     tokens = cache.tokens()
     acts = torch.cat([cache.load_shard(i) for i in range(cache.n_shards)])
     assert acts.shape == (4, 128, 640)
-    assert (tokens[:, 0] == cache.manifest["bos_token_id"]).all()
+    assert (tokens[:, 0] == cache.manifest.bos_token_id).all()
 
     hf_model, _ = load_hf_model("gemma-3-270m")
     with torch.no_grad():
@@ -44,7 +44,7 @@ def test_cli_capture_matches_transformers_hidden_states(tmp_path, capsys):
 
 def test_manifest_and_shards_describe_each_other(small_capture):
     cache = ActivationCache.open(small_capture)
-    m = cache.manifest
+    m = cache.manifest.to_dict()  # as other clients of the format read manifest.json
     assert m["complete"] and m["n_rows"] == 48 and m["context"] == 64 and m["d_model"] == 640
     assert m["hooks"] == ["blocks.3.hook_resid_post", "blocks.6.hook_resid_post"]
     assert [e["rows"] for e in m["shards"]] == [[i, i + 8] for i in range(0, 48, 8)]
@@ -80,7 +80,7 @@ def test_capture_killed_mid_run_resumes_to_identical_cache(tmp_path):
     proc.wait()
     done_before = _listed_shards(killed)
     assert 0 < done_before < 12, "the capture was not killed mid-run"
-    assert not ActivationCache.open(killed, require_complete=False).manifest["complete"]
+    assert not ActivationCache.open(killed, require_complete=False).manifest.complete
 
     subprocess.run(_capture_command(killed), env=env, check=True, capture_output=True)
     clean = tmp_path / "clean"

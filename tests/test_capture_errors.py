@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -124,3 +125,34 @@ def test_incomplete_cache_refused_for_reading(small_capture, tmp_path):
 def test_not_a_cache(tmp_path):
     with pytest.raises(CorruptCacheError, match="not an activation cache"):
         ActivationCache.open(tmp_path)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda m: m.pop("d_model"), "'d_model'"),
+    (lambda m: m.update(context="128"), "'context' is '128'"),
+    (lambda m: m.update(n_rows=-5), "'n_rows' is -5"),
+    (lambda m: m.update(hooks=[]), "'hooks' is []"),
+    (lambda m: m.update(complete="yes"), "'complete'"),
+    (lambda m: m["shards"][0].update(rows=[8, 0]), "shard entry 0"),
+    (lambda m: m["shards"][0].update(file="../../etc/passwd"), "shard entry 0"),
+    (lambda m: m["shards"].append("x"), "shard entry"),
+])
+def test_a_damaged_manifest_names_the_key(small_capture, tmp_path, change, named):
+    out = tmp_path / "acts"
+    shutil.copytree(small_capture, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptCacheError, match=re.escape(named)):
+        ActivationCache.open(out)
+
+
+def test_the_typed_manifest_writes_back_what_it_read(small_capture):
+    """Every key round-trips, including ones saekit does not know (kept in ``extra``)."""
+    from saekit.manifest import CacheManifest
+
+    data = json.loads((small_capture / "manifest.json").read_text())
+    manifest = CacheManifest.from_dict(data | {"note": "re-sharded by hand"})
+    assert manifest.to_dict() == data | {"note": "re-sharded by hand"}
+    assert manifest.extra == {"note": "re-sharded by hand"}
+    assert manifest.rows_done == manifest.n_rows and manifest.shards[0].n_rows > 0

@@ -122,7 +122,7 @@ def test_cli_writes_concept_json_and_rejects_bad_input(planted, tmp_path, capsys
     assert "occur 0 times" in capsys.readouterr().err
     assert not out.exists()
     assert main(common + ["--keywords", "cheese", "--strengths=-1,2"]) == 2
-    assert "--strengths must be finite numbers > 0" in capsys.readouterr().err
+    assert "--strengths must be > 0, got -1.0" in capsys.readouterr().err
     assert main(common + ["--keywords", "cheese", "--strengths", "nan"]) == 2
     assert not out.exists()
     assert main(common + ["--keywords", "cheese*,cheddar", "--groups", "1,2", "--strengths",

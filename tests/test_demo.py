@@ -52,7 +52,8 @@ def test_shipped_sae_is_what_retrain_trains():
     shipped = json.loads((SHIPPED_SAE / "recipe.json").read_text())
     assert shipped == {"command": RETRAIN_COMMAND, "train": recipe(DemoConfig())}
     assert "--retrain" in RETRAIN_COMMAND and "--tokens 1200000" in RETRAIN_COMMAND
-    sae = load_sae(SHIPPED_SAE)
+    sae = load_sae(SHIPPED_SAE)  # checks the weights against the sha256 its cfg.json records
+    assert json.loads((SHIPPED_SAE / "cfg.json").read_text())["weights_sha256"]
     config = DemoConfig()
     assert (sae.cfg.architecture, sae.d_sae, sae.cfg.options.k) == ("topk", config.latents, config.k)
     assert sae.cfg.metadata.hook_name == "blocks.6.hook_resid_post"

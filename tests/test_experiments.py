@@ -221,8 +221,10 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     assert kings["probe"]["hook"] == "blocks.12.hook_resid_post"
     assert 0 <= kings["probe"]["held_out_accuracy"] <= 1 and kings["probe"]["n_ordinary"] > 0
     assert all(0 <= score <= 1 for score in kings["unsteered"]["probe_scores"])
-    # a second run with the same settings measures only the concept it has not measured yet
-    run_script("steering_benchmark", tmp_path, *args)
+    # a second run with the same settings measures only the concept it has not measured yet,
+    # however its paths are spelt
+    respelt = [f"{a}/." if a in (str(tiny_cache), str(tiny_sae)) else a for a in args]
+    run_script("steering_benchmark", tmp_path, *respelt)
     second = outputs(tmp_path, "steering_benchmark")
     assert list(second["concepts"]) == ["kings", "rivers"]
     assert second["concepts"]["kings"] == kings

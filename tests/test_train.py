@@ -178,6 +178,7 @@ def test_single_shard_cache_cannot_hold_out(train_cache, tmp_path, capsys):
     manifest = json.loads((cache / "manifest.json").read_text())
     manifest["shards"] = manifest["shards"][:1]
     manifest["n_rows"] = manifest["shards"][0]["rows"][1]
+    manifest["n_tokens"] = manifest["n_rows"] * manifest["context"]  # a consistent manifest
     (cache / "manifest.json").write_text(json.dumps(manifest))
     config = train_config(activations=str(cache), out=str(tmp_path / "run"), latents=[256],
                          k=[8], tokens=256, batch_size=64, holdout_tokens=1024)

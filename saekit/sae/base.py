@@ -350,6 +350,9 @@ class SAE(nn.Module):
     # --- helpers ----------------------------------------------------------------------------
 
     def _check_shape(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise SAEInputError(f"The SAE takes activations as a tensor [..., d_in = "
+                                f"{self.d_in}], got {type(x).__name__}.")
         if x.ndim == 0 or x.shape[-1] != self.d_in:
             raise SAEInputError(f"Activations have size {x.shape[-1] if x.ndim else 'none'} in the "
                                 f"last dimension (shape {tuple(x.shape)}), but this SAE takes "
@@ -405,4 +408,6 @@ def _unit_scale(sample: Tensor) -> float:
 
 def load_sae(folder: str | Path, device: torch.device | str | None = None) -> SAE:
     """Load the SAE saved in ``folder`` (cfg.json + sae_weights.safetensors)."""
+    if not isinstance(folder, (str, Path)):
+        raise SAEConfigError(f"load_sae takes a folder path, got {type(folder).__name__}.")
     return SAE.load(folder, device)

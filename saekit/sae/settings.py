@@ -140,6 +140,15 @@ class SAEConfig:
     @classmethod
     def from_saelens_dict(cls, data: dict[str, Any]) -> SAEConfig:
         """Read cfg.json as saekit or SAELens (v6, or the older flat layout) wrote it."""
+        if not isinstance(data, dict) or not isinstance(data.get("saekit", {}), dict):
+            raise SAEConfigError(f"cfg.json holds {type(data).__name__} data, not an SAE config "
+                                 "(an object with d_in, d_sae, architecture, ...).")
+        wrong = [k for k in ("d_in", "d_sae") if isinstance(data.get(k), bool)
+                 or not isinstance(data.get(k), int) or data[k] < 1]
+        if wrong:
+            raise SAEConfigError(f"cfg.json needs {' and '.join(wrong)} as positive whole numbers "
+                                 f"(got {', '.join(f'{k}={data.get(k)!r}' for k in wrong)}): it "
+                                 "is damaged or not an SAE config.")
         own = dict(data.get("saekit", {}))
         saelens_name = data.get("architecture", "standard")
         if saelens_name in SAELENS_TRANSCODERS and "saekit" not in data:
