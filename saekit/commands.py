@@ -20,6 +20,7 @@ from saekit.errors import ConfigError
 from saekit.evaluate import EvalConfig
 from saekit.explain_run import ExplainConfig
 from saekit.generation import SteerConfig
+from saekit.search import SearchConfig
 from saekit.specialize import SpecializeConfig
 from saekit.steer_eval import SteerEvalConfig
 from saekit.train import TrainConfig
@@ -65,8 +66,8 @@ def run_cache(config: CaptureConfig, output: CacheOutput) -> None:
 
     out = capture_activations(config, output.out, device=output.device)
     cache = ActivationCache.open(out)
-    size = sum(e["bytes"] for e in cache.manifest["shards"])
-    print(f"wrote {cache.manifest['n_tokens']:,} tokens x {len(cache.hooks)} hook(s) "
+    size = sum(e.bytes for e in cache.manifest.shards)
+    print(f"wrote {cache.manifest.n_tokens:,} tokens x {len(cache.hooks)} hook(s) "
           f"({', '.join(cache.hooks)}), d_model {cache.d_model}, {cache.n_shards} shards, "
           f"{size / 2**30:.2f} GiB to {out}")
 
@@ -124,7 +125,10 @@ def run_dashboard(config: DashboardConfig) -> None:
     from saekit.dashboard import parse_features, write_dashboard
     from saekit.formats import load_foreign_sae
     from saekit.model import DEFAULT_MODEL, load_model
+    from saekit.search import by_feature, load_explanations
 
+    explanations = None if config.explanations is None else \
+        by_feature(load_explanations(config.explanations), sae=config.sae)  # before any work
     sae = load_foreign_sae(config.sae, device=config.device)
     features = parse_features(config.features, sae.d_sae)
     meta = sae.cfg.metadata
@@ -138,8 +142,10 @@ def run_dashboard(config: DashboardConfig) -> None:
         cache = ActivationCache.open(capture_activations(
             capture, Path(config.out) / ".activations", model=model))
     out = write_dashboard(config.out, model, sae, cache, features, n_examples=config.n_examples,
-                          max_rows=config.max_rows)
-    print(f"wrote dashboards of {len(features)} features to {out / 'index.html'}")
+                          max_rows=config.max_rows, explanations=explanations)
+    explained = "" if explanations is None else \
+        f" ({sum(f in explanations for f in features)} with explanations)"
+    print(f"wrote dashboards of {len(features)} features{explained} to {out / 'index.html'}")
 
 
 def run_steer(config: SteerConfig) -> None:
@@ -188,25 +194,42 @@ def run_concept_command(config: ConceptConfig, search: ConceptSearch,
     print(f"wrote {Path(config.out) / RESULT_JSON}")
 
 
+def scores_line(scores: dict, scorers=("detection", "fuzzing")) -> str:
+    """``detection: balanced accuracy 0.61 (at the median P(yes) 0.58), AUROC 0.66; ...`` for
+    the scorers present in ``scores`` with a value (``not scored`` when none)."""
+    parts = [f"{name}: balanced accuracy {d['balanced_accuracy']:.3f} (at the median P(yes) "
+             f"{d['balanced_accuracy_median']:.3f}), AUROC {d['auroc']:.3f}"
+             for name in scorers if (d := scores.get(name)) and d.get("auroc") is not None]
+    return "; ".join(parts) or "not scored"
+
+
 def run_explain_command(config: ExplainConfig) -> None:
     from saekit.explain_run import EXPLANATIONS, HYPOTHESIS, SUMMARY, run_explain
 
     result = run_explain(config)
     out = Path(config.out)
     if config.hypothesis is not None:
-        d = result["detection"]
-        print(f"feature {result['feature']}, hypothesis {result['hypothesis']!r}: balanced "
-              f"accuracy {d['balanced_accuracy']:.3f} (at the median P(yes) "
-              f"{d['balanced_accuracy_median']:.3f}), AUROC {d['auroc']:.3f} on "
-              f"{d['n_activating']} activating + {d['n_non_activating']} other texts "
-              f"-> {out / HYPOTHESIS}")
+        print(f"feature {result['feature']}, hypothesis {result['hypothesis']!r}: "
+              f"{scores_line(result)} -> {out / HYPOTHESIS}")
         return
-    d = result["detection"]
-    scores = "not scored" if d["auroc"] is None else (
-        f"mean detection balanced accuracy {d['balanced_accuracy']:.3f} (at the median P(yes) "
-        f"{d['balanced_accuracy_median']:.3f}), AUROC {d['auroc']:.3f}")
-    print(f"{result['n_features']} features explained by {result['explainer']}, {scores} "
-          f"-> {out / EXPLANATIONS}, {out / SUMMARY}")
+    print(f"{result['n_features']} features explained by {result['explainer']}, mean "
+          f"{scores_line(result)} -> {out / EXPLANATIONS}, {out / SUMMARY}")
+
+
+def run_search(config: SearchConfig) -> None:
+    from saekit.search import search_features
+
+    found = search_features(config.explanations, config.query, sae=config.sae)
+    if not found:
+        print(f"no explanation matches {config.query!r}")
+        return
+    print(f"{len(found)} features match {config.query!r}"
+          + (f", the best {config.top}:" if len(found) > config.top else ":"))
+    print(f"{'feature':>8} {'score':>6}  explanation")
+    for match in found[:config.top]:
+        score = "-" if match.score is None else f"{match.score:.3f}"
+        text = "".join(c if c.isprintable() else " " for c in match.explanation)  # no escapes
+        print(f"{match.feature:>8} {score:>6}  {text}")
 
 
 COMMANDS = (
@@ -225,8 +248,10 @@ COMMANDS = (
             "keywords; validate and measure", (ConceptConfig, ConceptSearch, SpecializeConfig),
             run_concept_command),
     Command("explain", "explain SAE features with a language model and score the "
-            "explanations (detection), resumably; or score one --hypothesis",
+            "explanations (detection, fuzzing), resumably; or score one --hypothesis",
             (ExplainConfig,), run_explain_command),
+    Command("search", "find features by their explanations (from saekit explain), best "
+            "match and score first", (SearchConfig,), run_search),
     Command("demo", "the main job on the embedded default, end to end (capture, SAE, concept "
             "search, steer, measure)", (DemoConfig,), run_demo),
 )

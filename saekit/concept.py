@@ -10,6 +10,8 @@
      Belinkov 2025); this ranks by the output side;
    - *input*: fires on the concept's texts far above its corpus base rate (``search_features``);
    - *alignment*: decoder direction closest to the concept's mean-difference direction;
+   - *explanation* (given ``explained``): features whose ``saekit explain`` explanation
+     matches the concept's name or keywords (``saekit.search``);
 3. **screen** each candidate with forward passes only: its direction added at a few edit sizes
    on the validation prompts; the lift in the log-probability of the concept's words;
 4. **validate** by generating from the validation prompts with the best-screened feature
@@ -42,6 +44,7 @@ from saekit.config import check_fields, setting
 from saekit.directions import search_features
 from saekit.steer import Intervention, SteeringVector, steer
 from saekit.steer_eval import read_prompts, steering_sweep
+from saekit.model import loaded_model_name
 
 VALIDATION_PROMPTS = Path(__file__).parent / "data" / "validation_prompts.txt"
 BENCHMARK_CONCEPTS = Path(__file__).parent / "data" / "benchmark_concepts.json"
@@ -82,7 +85,7 @@ class Candidate:
     """A feature considered for the concept, with what each stage measured."""
 
     feature: int
-    sources: list[str]  # rankings that proposed it: output, input, alignment
+    sources: list[str]  # rankings that proposed it: output, input, alignment, explanation
     output_score: float  # gradient . unit decoder direction
     direction_norm: float  # raw norm of one unit of activation
     screen_lift: list[float] = field(default_factory=list)  # per screened strength
@@ -205,9 +208,9 @@ def window_activations(model, hook: str, windows: Sequence[Tensor]) -> Tensor:
 
 def pool_candidates(sae, directions: Tensor, gradient: Tensor, concept_acts: Tensor,
                     mean_difference: Tensor, statistics: FeatureStatistics,
-                    per_ranking: int) -> list[Candidate]:
-    """The top ``per_ranking`` features of the output, input and alignment rankings, pooled
-    (in that order, each feature once)."""
+                    per_ranking: int, explained: Sequence[int] = ()) -> list[Candidate]:
+    """The top ``per_ranking`` features of the output, input and alignment rankings, and the
+    ``explained`` ones (explanation ranking), pooled (in that order, each feature once)."""
     norms = directions.norm(dim=-1).clamp_min(1e-12)
     unit = directions / norms[:, None]
     output = unit @ gradient
@@ -217,6 +220,7 @@ def pool_candidates(sae, directions: Tensor, gradient: Tensor, concept_acts: Ten
         "output": output.topk(per_ranking).indices.tolist(),
         "input": [h.feature for h in hits if h.score > 0],
         "alignment": alignment.topk(per_ranking).indices.tolist(),
+        "explanation": list(explained),
     }
     pooled: dict[int, Candidate] = {}
     for source, features in rankings.items():
@@ -356,13 +360,14 @@ def select_concept_features(model, sae, tokens: Tensor, reference: Tensor,
                             statistics: FeatureStatistics, name: str, keywords: Sequence[str],
                             extra_texts: Sequence[str] = (), search: ConceptSearch | None = None,
                             validation_prompts: Sequence[str] | None = None,
-                            progress=None,
-                            corpus_texts: ConceptTexts | None = None) -> ConceptSelection:
+                            progress=None, corpus_texts: ConceptTexts | None = None,
+                            explained: Sequence[int] = ()) -> ConceptSelection:
     """Steps 1-4 of the module docstring. ``tokens`` [n_rows, context]: corpus rows searched
     for the keywords (unless ``corpus_texts`` already holds that search's result);
     ``reference`` [tokens, d_in]: activations of ordinary text at the SAE's hook (base of the
     mean-difference direction and of ``residual_scale``); ``statistics``: the SAE's corpus
-    statistics (base rates for the input ranking)."""
+    statistics (base rates for the input ranking); ``explained``: features whose explanation
+    matches the concept, added to the candidates."""
     from saekit.concept_texts import concept_texts, concept_token_ids, text_windows
 
     search = search or ConceptSearch()
@@ -384,7 +389,7 @@ def select_concept_features(model, sae, tokens: Tensor, reference: Tensor,
     gradient = output_gradient(model, hook, prompt_tokens, mask, token_ids)
     directions = decoder_directions(sae)
     candidates = pool_candidates(sae, directions, gradient, acts, mean_difference, statistics,
-                                 search.candidates_per_ranking)
+                                 search.candidates_per_ranking, explained)
     screen_norms = [s * scale for s in search.screen_strengths]
     unit = torch.stack([directions[c.feature] / c.direction_norm for c in candidates])
     lift, kl = screen_directions(model, hook, unit, screen_norms, prompt_tokens, mask, token_ids)
@@ -405,7 +410,8 @@ def find_concept_steering(model, sae, tokens: Tensor, reference: Tensor,
                           validation_prompts: Sequence[str] | None = None,
                           evaluation_prompts: Sequence[str] | None = None,
                           evaluation_samples: int = 3, vector_strengths: Sequence[float] = (),
-                          progress=None, corpus_texts: ConceptTexts | None = None) -> dict:
+                          progress=None, corpus_texts: ConceptTexts | None = None,
+                          explained: Sequence[int] = ()) -> dict:
     """Select (``select_concept_features``) and measure on the evaluation prompts, which were
     not used to choose: the ``concept.json`` dict. ``vector_strengths``: also measure the
     concept's mean-difference vector at these strengths (the baseline), in the same batch."""
@@ -413,7 +419,7 @@ def find_concept_steering(model, sae, tokens: Tensor, reference: Tensor,
     say = progress or (lambda message: None)
     found = select_concept_features(model, sae, tokens, reference, statistics, name, keywords,
                                     extra_texts, search, validation_prompts, progress,
-                                    corpus_texts)
+                                    corpus_texts, explained)
     choice = found.choice
     evaluation = list(evaluation_prompts or read_prompts())
     plans = [found.plan(sae, choice.strength)] + [[found.vector(s)] for s in vector_strengths]
@@ -424,7 +430,7 @@ def find_concept_steering(model, sae, tokens: Tensor, reference: Tensor,
     say(verdict)
     return {
         "concept": name, "keywords": list(keywords), "hook": found.hook,
-        "model": getattr(model, "saekit_model_name", None) or sae.cfg.metadata.model_name,
+        "model": loaded_model_name(model, sae.cfg.metadata.model_name),
         "features": choice.features, "values": choice.values, "strength": choice.strength,
         "residual_scale": found.scale,
         "target_met": _meets(unsteered, steered, search), "verdict": verdict,

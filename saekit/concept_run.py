@@ -19,6 +19,7 @@ from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.corpus import DEFAULT_CORPUS
 from saekit.files import check_writable
 from saekit.specialize import SpecializeConfig
+from saekit.model import check_hooks
 
 RESULT_JSON = "concept.json"
 
@@ -42,6 +43,8 @@ class ConceptConfig:
     evaluation_samples: int = setting(3, "generations per evaluation prompt", ge=1)
     statistics_rows: int = setting(256, "corpus rows for base rates and the reference "
                                    "activations", ge=1)
+    explanations: str = setting("", "explanations.jsonl of `saekit explain` (or its folder): "
+                                "features explained as the name or keywords become candidates")
     specialize: bool = setting(False, "fine-tune the SAE on the concept's texts first (rare "
                                "concepts)")
     device: str = setting("", DEVICE_HELP)
@@ -55,11 +58,32 @@ class ConceptConfig:
             if not getattr(self, what):
                 raise ConceptError(f"saekit concept needs --{what}.")
         self.keywords = keyword_list(self.keywords)
-        for what in ("activations", "texts", "prompts", "validation_prompts"):
+        for what in ("activations", "texts", "prompts", "validation_prompts", "explanations"):
             path = getattr(self, what)
             if path and not Path(path).exists():
                 raise ConceptError(f"--{what.replace('_', '-')} {path} does not exist.")
         check_writable(self.out, folder=True)
+
+
+def explained_features(config: ConceptConfig, per_ranking: int) -> list[int]:
+    """The best ``per_ranking`` features whose ``--explanations`` explanation matches the
+    concept's name or keywords (none without the flag)."""
+    from saekit.search import search_features
+
+    if not config.explanations:
+        return []
+    query = " ".join([config.name, *config.keywords])
+    return [m.feature for m in search_features(config.explanations, query, top=per_ranking,
+                                               sae=config.sae)]
+
+
+def check_explained(features: list[int], sae, config: ConceptConfig) -> None:
+    """Refuse explained features beyond the SAE (explanations of another SAE)."""
+    beyond = [f for f in features if f >= sae.d_sae]
+    if beyond:
+        raise ConceptError(f"--explanations {config.explanations} explains feature {beyond[0]}, "
+                           f"but the SAE has {sae.d_sae} features: give the explanations of "
+                           f"--sae {config.sae}.")
 
 
 def corpus_source(model, sae, config: ConceptConfig):
@@ -124,7 +148,6 @@ def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
                 progress=print, special: SpecializeConfig | None = None) -> dict:
     """Run the search on ``config`` and write ``OUT/concept.json``; returns its dict.
     With ``config.specialize``, the search runs on the SAE fine-tuned by ``specialized_sae``."""
-    from saekit.capture import check_hooks
     from saekit.files import write_json
     from saekit.generation import load_sae_and_model
     from saekit.steer_eval import read_prompts
@@ -132,8 +155,10 @@ def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
     search = search or ConceptSearch()
     special = special or SpecializeConfig()
     config.check()
+    explained = explained_features(config, search.candidates_per_ranking)
     sae, model = load_sae_and_model(config.sae, config.device or None)
     check_hooks(model, [sae.cfg.metadata.hook_name or ""])
+    check_explained(explained, sae, config)
     extra = read_prompts(config.texts) if config.texts else []
     tokens, reference, statistics_of = corpus_source(model, sae, config)
     specialization = corpus_texts = None
@@ -147,7 +172,7 @@ def run_concept(config: ConceptConfig, search: ConceptSearch | None = None,
         if config.validation_prompts else None,
         evaluation_prompts=read_prompts(config.prompts) if config.prompts else None,
         evaluation_samples=config.evaluation_samples, progress=progress,
-        corpus_texts=corpus_texts)
+        corpus_texts=corpus_texts, explained=explained)
     result["sae"] = config.sae if specialization is None else specialization["folder"]
     if specialization is not None:
         result["specialization"] = {k: v for k, v in specialization.items()

@@ -15,7 +15,7 @@ whether the text matches the explanation, and P(yes) is read from its next-token
 (``LocalExplainer.yes_probability``), never parsed from free text. ``score_explanation``
 returns the balanced accuracy at P(yes) = 0.5, the balanced accuracy at the median P(yes) (a
 small judge's probabilities are badly calibrated; the texts are half activating by design), and
-the AUROC of P(yes) against the truth.
+the AUROC of P(yes) against the truth. Fuzzing and ``--score`` are in ``saekit.explain_scores``.
 """
 
 from __future__ import annotations
@@ -172,12 +172,18 @@ def score_explanation(judge, explanation: str, activating: list[str],
                            f"{len(activating)} and {len(non_activating)}.")
     if not explanation.strip():
         raise ExplainError("The explanation to score is empty.")
-    texts = activating + non_activating
-    p_yes = judge.yes_probability([detection_prompt(explanation, t) for t in texts]).float()
-    truth = torch.arange(len(texts)) < len(activating)
+    chats = [detection_prompt(explanation, t) for t in activating + non_activating]
+    return judged_score(judge, chats, len(activating))
+
+
+def judged_score(judge, chats: list[list[dict[str, str]]], n_positive: int) -> DetectionScore:
+    """The scores of the judge's P(yes) on ``chats``, whose first ``n_positive`` should be
+    answered yes and the rest no (detection, and fuzzing in ``saekit.explain_scores``)."""
+    p_yes = judge.yes_probability(chats).float()  # [len(chats)]
+    truth = torch.arange(len(chats)) < n_positive
     return DetectionScore(balanced_accuracy(p_yes, truth, 0.5),
                           balanced_accuracy(p_yes, truth, float(p_yes.median())),
-                          auroc(p_yes, truth), len(activating), len(non_activating),
+                          auroc(p_yes, truth), n_positive, len(chats) - n_positive,
                           p_yes[truth].tolist(), p_yes[~truth].tolist())
 
 

