@@ -21,6 +21,7 @@ from saekit.evaluate import EvalConfig
 from saekit.explain_run import ExplainConfig
 from saekit.generation import SteerConfig
 from saekit.search import SearchConfig
+from saekit.serve import ServeConfig
 from saekit.specialize import SpecializeConfig
 from saekit.steer_eval import SteerEvalConfig
 from saekit.train import TrainConfig
@@ -232,6 +233,20 @@ def run_search(config: SearchConfig) -> None:
         print(f"{match.feature:>8} {score:>6}  {text}")
 
 
+def run_serve(config: ServeConfig) -> None:
+    from saekit.serve_app import build_explorer, is_loopback, make_server
+
+    if not is_loopback(config.host):
+        print(f"warning: --host {config.host} opens the explorer (and the model behind it) to "
+              "the network; it has no authentication. Use --host 127.0.0.1 to keep it local.")
+    explorer = build_explorer(config)
+    server = make_server(explorer, config.host, config.port)
+    print(f"saekit serve: {explorer.sae.d_sae:,} features at {explorer.hook}, "
+          f"{explorer.statistics.n_tokens:,} tokens of {explorer.cache.folder}; cached pages in "
+          f"{explorer.folder}\nopen http://{config.host}:{config.port}/ (Ctrl-C stops)")
+    server.run()
+
+
 COMMANDS = (
     Command("cache", "capture activations of a model over a corpus",
             (CaptureConfig, CacheOutput), run_cache),
@@ -252,6 +267,8 @@ COMMANDS = (
             (ExplainConfig,), run_explain_command),
     Command("search", "find features by their explanations (from saekit explain), best "
             "match and score first", (SearchConfig,), run_search),
+    Command("serve", "a local feature explorer in the browser: features, search by text, "
+            "steering playground", (ServeConfig,), run_serve),
     Command("demo", "the main job on the embedded default, end to end (capture, SAE, concept "
             "search, steer, measure)", (DemoConfig,), run_demo),
 )

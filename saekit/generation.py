@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,18 @@ def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequenc
     ``noise_period`` n, row i draws the random numbers of row i % n, so blocks of n rows
     (settings generated together, see ``OnRows``) differ only by their steering.
     """
+    return torch.stack(list(iter_sampled_tokens(model, prompts, interventions, max_new_tokens,
+                                                temperature, seed, positions, noise_period)),
+                       dim=1)
+
+
+@torch.no_grad()  # torch's decorator keeps grad off each time a generator resumes
+def iter_sampled_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequence[Any] = (),
+                        max_new_tokens: int = 30, temperature: float = 0.7, seed: int = 0,
+                        positions: Positions = "all", noise_period: int | None = None
+                        ) -> Iterator[Tensor]:
+    """``sample_tokens`` one step at a time: yields each step's tokens [batch] as they are
+    sampled (steered while the iterator runs; closing it early removes the hooks)."""
     from transformer_lens.utilities import get_attention_mask
 
     if not temperature >= 0 or not math.isfinite(temperature):
@@ -93,7 +105,6 @@ def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequenc
     stop = torch.tensor(sorted(stop_token_ids(model)), device=device, dtype=torch.long)
     fill = int(stop[0]) if len(stop) else 0
     generator = torch.Generator(device=device).manual_seed(seed)
-    new = []
     done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     with steer(model, *interventions, positions=positions):
         logits, cache = model(tokens, return_type="logits_and_cache", attention_mask=mask,
@@ -105,14 +116,13 @@ def sample_tokens(model, prompts: Tensor | Sequence[str], interventions: Sequenc
                     f"large for {logits.dtype} ({_describe(interventions)}). Use smaller values.")
             token = sample_next(logits[:, -1], temperature, generator, noise_period)
             token = torch.where(done, torch.full_like(token, fill), token)
-            new.append(token)
+            yield token
             done |= torch.isin(token, stop)
             if step == max_new_tokens - 1 or bool(done.all()):
-                break
+                return
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             logits, cache = model(token[:, None], return_type="logits_and_cache",
                                   attention_mask=mask, past_key_values=cache)
-    return torch.stack(new, dim=1)
 
 
 def _describe(interventions: Sequence[Any]) -> str:
