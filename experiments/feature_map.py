@@ -26,7 +26,7 @@ import torch
 
 from saekit.analyse import top_activating_examples
 from saekit.concept import window_activations
-from saekit.corpus import package_folder
+from saekit.default_corpus import package_folder
 from saekit.directions import (feature_map, logit_lens_batch, nearest_features,
                                neighbour_label_agreement)
 

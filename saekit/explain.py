@@ -21,6 +21,7 @@ the AUROC of P(yes) against the truth. Fuzzing and ``--score`` are in ``saekit.e
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -167,13 +168,22 @@ def score_explanation(judge, explanation: str, activating: list[str],
                       non_activating: list[str]) -> DetectionScore:
     """Detection score of ``explanation`` on texts where the feature fires and where it does not
     (``judge``: a ``LocalExplainer``)."""
-    if not activating or not non_activating:
-        raise ExplainError(f"Detection needs activating and non-activating texts, got "
-                           f"{len(activating)} and {len(non_activating)}.")
+    return judge_texts(judge, explanation, activating, non_activating, detection_prompt,
+                       "Detection needs activating and non-activating texts")
+
+
+def judge_texts(judge, explanation: str, positive: list[str], negative: list[str],
+                prompt: Callable[[str, str], list[dict[str, str]]], needs: str
+                ) -> DetectionScore:
+    """``judged_score`` of ``prompt(explanation, text)`` for the ``positive`` texts (which
+    should get yes) and the ``negative`` ones; ``ExplainError`` (``needs`` ...) if either is
+    empty, or if the explanation is."""
+    if not positive or not negative:
+        raise ExplainError(f"{needs}, got {len(positive)} and {len(negative)}.")
     if not explanation.strip():
         raise ExplainError("The explanation to score is empty.")
-    chats = [detection_prompt(explanation, t) for t in activating + non_activating]
-    return judged_score(judge, chats, len(activating))
+    return judged_score(judge, [prompt(explanation, t) for t in positive + negative],
+                        len(positive))
 
 
 def judged_score(judge, chats: list[list[dict[str, str]]], n_positive: int) -> DetectionScore:

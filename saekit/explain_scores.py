@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from saekit.analyse import Example
 from saekit.explain import (DetectionScore, ExplainError, clean_text, example_text,
-                            judged_score, marked_text, score_explanation)
+                            judge_texts, marked_text, score_explanation)
 
 SCORERS = ("detection", "fuzzing")
 FUZZ_QUESTION = ("The marked tokens <<like this>> are meant to be where a feature fires. The "
@@ -72,13 +72,8 @@ def fuzzing_prompt(explanation: str, marked: str) -> list[dict[str, str]]:
 def score_fuzzing(judge, explanation: str, correct: list[str], wrong: list[str]) -> DetectionScore:
     """Fuzzing score of ``explanation`` on correctly and wrongly marked texts (``judge``: a
     ``LocalExplainer``)."""
-    if not correct or not wrong:
-        raise ExplainError(f"Fuzzing needs correctly and wrongly marked texts, got "
-                           f"{len(correct)} and {len(wrong)}.")
-    if not explanation.strip():
-        raise ExplainError("The explanation to score is empty.")
-    chats = [fuzzing_prompt(explanation, t) for t in correct + wrong]
-    return judged_score(judge, chats, len(correct))
+    return judge_texts(judge, explanation, correct, wrong, fuzzing_prompt,
+                       "Fuzzing needs correctly and wrongly marked texts")
 
 
 def score_examples(judge, explanation: str, activating: list[Example],

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from saekit.errors import SAEConfigError
 from saekit.model import EMBEDDED_MODELS
-from saekit.sae import ARCHITECTURES, SAE, JumpReLUSAE, SAEConfig, SAEMetadata, TopKSAE, load_sae
+from saekit.sae import SAE, JumpReLUSAE, SAEConfig, SAEMetadata, TopKSAE, load_sae
 from saekit.sae.base import CFG_FILENAME, DTYPES, WEIGHTS_FILENAME
 
 GEMMA_KEYS = ("w_enc", "w_dec", "b_enc", "b_dec", "threshold")
@@ -319,11 +319,7 @@ def _check_gemma_config(folder: Path, config: dict, d_sae: int) -> None:
 
 def _build(cfg: SAEConfig, state: dict[str, Tensor]) -> SAE:
     """An SAE of ``cfg`` holding ``state`` (saved-file names, as ``SAE.load`` reads them)."""
-    sae = ARCHITECTURES[cfg.architecture](cfg, device="meta")
-    dtype = DTYPES[cfg.dtype]
-    state = {k: v.to(dtype).contiguous() for k, v in sae._state_from_saved(state).items()}
-    sae.load_state_dict(state, assign=True)
-    return sae
+    return SAE.from_saved_state(cfg, state)
 
 
 def _require(folder: Path, what: str, tensors: dict[str, Tensor], keys: tuple[str, ...]) -> None:

@@ -11,7 +11,8 @@ import pytest
 from saekit import (ActivationCache, ActivationStream, CacheMismatchError, CaptureConfig,
                     CorpusError, CorruptCacheError, HookNameError, capture_activations)
 from saekit.cli import main as saekit_main
-from saekit.corpus import CorpusSource, default_corpus, load_corpus
+from saekit.corpus import load_corpus
+from saekit.default_corpus import CorpusSource, default_corpus
 
 
 def _config(**changes) -> CaptureConfig:

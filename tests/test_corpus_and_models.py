@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from saekit import CaptureConfig, ActivationCache, capture_activations, load_corpus, load_model
-from saekit.corpus import (DEFAULT_SOURCES, CorpusError, default_corpus, package_folder,
-                           pack_token_rows, split_long_document)
+from saekit.corpus import pack_token_rows
+from saekit.default_corpus import (DEFAULT_SOURCES, default_corpus, package_folder,
+                                   split_long_document)
+from saekit.errors import CorpusError
 from saekit.model import resolve_model_path
 
 

@@ -322,7 +322,6 @@ class SAE(nn.Module):
                                  "it from the SAE's source or save the SAE again.") from err
         cfg = SAEConfig.from_saelens_dict(data)
         device = torch.device(device) if device is not None else torch.get_default_device()
-        sae = ARCHITECTURES[cfg.architecture](cfg, device="meta")
         try:
             state = load_file(folder / WEIGHTS_FILENAME, device=str(device))
         except SafetensorError as err:
@@ -333,16 +332,26 @@ class SAE(nn.Module):
             raise SAEConfigError(f"{folder / WEIGHTS_FILENAME} does not match the sha256 its "
                                  f"{CFG_FILENAME} recorded at save: it was changed or damaged "
                                  "since. Copy or save the SAE again.")
-        state = {k: v.to(DTYPES[cfg.dtype]) for k, v in sae._state_from_saved(state).items()}
+        return SAE.from_saved_state(cfg, state, str(folder / WEIGHTS_FILENAME), CFG_FILENAME)
+
+    @staticmethod
+    def from_saved_state(cfg: SAEConfig, state: dict[str, Tensor], source: str = "the weights",
+                         config: str = "the config") -> SAE:
+        """The SAE ``cfg`` describes, holding ``state`` (tensors under their saved-file names,
+        as ``save`` writes them); ``SAEConfigError`` naming ``source`` and ``config`` (where
+        ``cfg`` came from) if they do not fit."""
+        sae = ARCHITECTURES[cfg.architecture](cfg, device="meta")
+        state = {k: v.to(DTYPES[cfg.dtype]).contiguous()
+                 for k, v in sae._state_from_saved(state).items()}
         missing = set(sae.state_dict()) ^ set(state)
         if missing:
-            raise SAEConfigError(f"{folder / WEIGHTS_FILENAME} does not fit a {cfg.architecture} "
-                                 f"SAE: keys {sorted(missing)} are missing or unexpected.")
+            raise SAEConfigError(f"{source} does not fit a {cfg.architecture} SAE: keys "
+                                 f"{sorted(missing)} are missing or unexpected.")
         expected = sae.state_dict()
-        wrong = [f"{k} {tuple(v.shape)} (cfg.json implies {tuple(expected[k].shape)})"
+        wrong = [f"{k} {tuple(v.shape)} ({config} implies {tuple(expected[k].shape)})"
                  for k, v in state.items() if v.shape != expected[k].shape]
         if wrong:
-            raise SAEConfigError(f"{folder}: the weights do not match {CFG_FILENAME} (d_in "
+            raise SAEConfigError(f"{source}: the weights do not match {config} (d_in "
                                  f"{cfg.d_in}, d_sae {cfg.d_sae}): {', '.join(wrong)}.")
         sae.load_state_dict(state, assign=True)
         return sae
