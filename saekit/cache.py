@@ -13,7 +13,7 @@ sha256; both are written atomically, the shard first.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -143,7 +143,9 @@ class ActivationStream:
     run can restart at any batch (``start_batch``) and see what it would have seen.
     Positions holding BOS are skipped unless ``keep_bos``. With ``target_hook`` (for
     transcoders) each row is the two hooks' activations at one token side by side,
-    ``[d_model of hook | d_model of target_hook]``, shuffled together.
+    ``[d_model of hook | d_model of target_hook]``, shuffled together; ``extra_hooks`` are
+    read the same way, after them (``hooks`` lists the inputs, ``per_hook`` splits a batch),
+    so every hook sees the same tokens in the same order as a stream of that hook alone.
     """
 
     cache: ActivationCache
@@ -156,11 +158,16 @@ class ActivationStream:
     dtype: torch.dtype = torch.float32
     shards: list[int] | None = None  # a subset of the cache's shards (e.g. a held-out split)
     target_hook: str | None = None  # a transcoder's output hook, read beside ``hook``
+    extra_hooks: list[str] = field(default_factory=list)  # further inputs, after ``hook``'s
 
     def __post_init__(self) -> None:
         self.hook = self.cache.check_hook(self.hook)
         if self.target_hook is not None:
             self.target_hook = self.cache.check_hook(self.target_hook)
+        self.extra_hooks = [self.cache.check_hook(h) for h in self.extra_hooks]
+        if self.extra_hooks and self.target_hook is not None:
+            raise CacheMismatchError("A stream reads either a transcoder's pair (hook, "
+                                     "target_hook) or several input hooks, not both.")
         if self.shards is None:
             self.shards = list(range(self.cache.n_shards))
         if not self.shards:
@@ -194,13 +201,24 @@ class ActivationStream:
     def batches_per_epoch(self) -> int:
         return sum(self._group_batches(g) for g in self._epoch_groups(0))
 
+    @property
+    def hooks(self) -> list[str]:
+        """The input hooks, in the order ``per_hook`` returns their columns."""
+        return [self.hook, *self.extra_hooks]
+
+    def per_hook(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """``rows`` [n, width] read from this stream cut into one contiguous block per hook of
+        ``hooks`` (a single hook's, with its target beside it, is ``rows`` itself)."""
+        if not self.extra_hooks:
+            return [rows]
+        return [part.contiguous() for part in rows.split(self.cache.d_model, dim=-1)]
+
     def load_tokens(self, index: int) -> torch.Tensor:
-        """Non-BOS activations of one shard, ``[tokens, d_model]`` (``[tokens, 2 * d_model]``
-        with a ``target_hook``), checked to be finite."""
-        if self.target_hook is None:
-            return self._hook_tokens(index, self.hook)
-        return torch.cat([self._hook_tokens(index, self.hook),
-                          self._hook_tokens(index, self.target_hook)], dim=-1)
+        """Non-BOS activations of one shard, ``[tokens, d_model]``, or the hooks' side by side
+        (``[tokens, 2 * d_model]`` with a ``target_hook``), checked to be finite."""
+        read = [self.hook, *([self.target_hook] if self.target_hook else []), *self.extra_hooks]
+        parts = [self._hook_tokens(index, hook) for hook in read]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def _hook_tokens(self, index: int, hook: str) -> torch.Tensor:
         acts = self.cache.load_shard(index, hook, self.verify_checksums)

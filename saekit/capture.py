@@ -27,6 +27,7 @@ from saekit.manifest import MANIFEST, TOKENS_FILE, CacheManifest, ShardEntry
 from saekit.model import DEFAULT_MODEL, check_hooks, load_model
 
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -45,6 +46,9 @@ class CaptureConfig:
     shard_rows: int = setting(512, "rows per shard file (rounded to --batch-rows)", ge=1)
     dtype: str = setting("float32", "storage dtype of the activations",
                          choices=sorted(STORAGE_DTYPES))
+    model_dtype: str = setting("float32", "dtype of the model's forward pass (bfloat16: faster "
+                               "on GPUs and CPUs with avx512_bf16; activations are still "
+                               "stored in --dtype)", choices=sorted(MODEL_DTYPES))
     seed: int = setting(0, "seed of the corpus shuffle")
     text_field: str = setting("text", "text column of a .jsonl/.parquet/HF dataset")
 
@@ -56,12 +60,35 @@ class CaptureConfig:
         if not self.hooks:
             raise ConfigError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
         self.hooks = list(dict.fromkeys(self.hooks))  # a hook named twice is captured once
+        if not self.text_field.strip():
+            raise ConfigError("--text-field is empty: name the text column of the dataset "
+                              "(default: text).")
         self.shard_rows = max(self.batch_rows,
                               self.shard_rows // self.batch_rows * self.batch_rows)
 
     @property
     def n_rows(self) -> int:
         return self.tokens // self.context
+
+
+def cache_settings(manifest: CacheManifest) -> dict:
+    """The capture settings a cache was made with; settings added since it was made read as
+    their value then (``model_dtype`` float32), so older caches still resume and match."""
+    return {"model_dtype": "float32", **manifest.settings}
+
+
+def check_model_dtype(model, config: CaptureConfig) -> None:
+    """Raise ``ConfigError`` when ``model`` does not run in ``--model-dtype`` (a model passed
+    in), or its device cannot compute in bfloat16."""
+    parameter = next(model.parameters())
+    if parameter.dtype != MODEL_DTYPES[config.model_dtype]:
+        raise ConfigError(f"--model-dtype {config.model_dtype}, but the model given runs in "
+                          f"{str(parameter.dtype).removeprefix('torch.')}: load it with "
+                          f"load_model(..., dtype=torch.{config.model_dtype}).")
+    if (config.model_dtype == "bfloat16" and parameter.device.type == "cuda"
+            and not torch.cuda.is_bf16_supported()):
+        raise ConfigError(f"--model-dtype bfloat16: {torch.cuda.get_device_name(parameter.device)}"
+                          " cannot compute in bfloat16; use --model-dtype float32.")
 
 
 def prepare_out_folder(out: Path, settings: dict) -> CacheManifest | None:
@@ -79,9 +106,9 @@ def prepare_out_folder(out: Path, settings: dict) -> CacheManifest | None:
             )
         return None
     manifest = read_manifest(out)
-    if manifest.settings != settings:
-        differ = {k: (manifest.settings.get(k), v) for k, v in settings.items()
-                  if manifest.settings.get(k) != v}
+    made_with = cache_settings(manifest)
+    if made_with != settings:
+        differ = {k: (made_with.get(k), v) for k, v in settings.items() if made_with.get(k) != v}
         listed = "; ".join(f"{k}: cache has {old!r}, asked {new!r}" for k, (old, new)
                            in differ.items())
         raise CacheMismatchError(
@@ -178,7 +205,7 @@ def capture_activations(config: CaptureConfig, out: str | Path, model=None,
     out = Path(out)
     if (out / MANIFEST).is_file():  # a finished cache is only read: no lock, no write access
         manifest = read_manifest(out)
-        if (manifest.complete and manifest.settings == asdict(config)
+        if (manifest.complete and cache_settings(manifest) == asdict(config)
                 and shards_intact(out, manifest)):
             return out
     with output_lock(out, "cache") as out:
@@ -190,7 +217,9 @@ def _capture_into(config: CaptureConfig, out: Path, model, device) -> Path:
     manifest = prepare_out_folder(out, settings)
     if manifest is not None and manifest.complete:
         return out
-    model = model if model is not None else load_model(config.model, device=device)
+    if model is None:
+        model = load_model(config.model, device=device, dtype=MODEL_DTYPES[config.model_dtype])
+    check_model_dtype(model, config)
     stop_at_layer = check_hooks(model, config.hooks)
     n_ctx = getattr(model.cfg, "n_ctx", None)
     if n_ctx and config.context > n_ctx:

@@ -85,7 +85,7 @@ def _add_flag(parser: argparse.ArgumentParser, flag: str, dest: str, kind: Any, 
         shown = "required" if required else ""
     if typing.get_origin(kind) is list:
         (item,) = typing.get_args(kind)
-        shown = "required" if required else f"default: {','.join(map(str, default))}"
+        shown = "required" if required else f"default: {','.join(map(str, default)) or 'none'}"
         parser.add_argument(flag, dest=dest, action=ExtendFromCommas, item_type=item,
                             default=None, required=required,
                             help=f"{help}; repeatable or comma-separated ({shown})"

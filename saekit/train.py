@@ -1,6 +1,8 @@
 """Train SAEs on a cached activation stream: sweeps, exact resume, torchrun data parallelism.
 
-Every SAE of a sweep sees the same batches from one read of the cache. Each step a
+Every SAE of a sweep sees the same batches from one read of the cache; with several
+hooks each batch holds the same tokens at every hook, and each hook's sweep trains on its
+columns (one run gives what one run per hook gives, in one pass). Each step a
 rank takes its slice of the global batch; batch-level sums inside the losses and the
 gradients are summed over ranks, so N processes compute what one process computes
 on the whole batch. Checkpoints (weights, Adam state, dead-latent counters, RNG,
@@ -12,15 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import math
-import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
@@ -30,8 +29,9 @@ from saekit.evaluate import reconstruction_metrics
 from saekit.files import FolderInUseError, output_lock, save_torch, write_json
 from saekit.model import default_device
 from saekit.train_log import MetricsWriter, truncate_metrics
-from saekit.sae import (ARCHITECTURES, SAE, SAEConfig, SAEMetadata, architecture_settings,
-                        settings_of)
+from saekit.train_runs import (Distributed, Run, check_finite_parameters, learning_rate,
+                               make_runs, train_step)
+from saekit.sae import ARCHITECTURES, SAEConfig, SAEMetadata, architecture_settings, settings_of
 
 CHECKPOINT = "checkpoint.pt"
 __all__ = ["TrainConfig", "train", "train_config", "sweep_configs", "open_stream", "CHECKPOINT",
@@ -62,7 +62,9 @@ class TrainConfig:
                                         ge=0, le=1)
     lr_decay_fraction: float = setting(0.2, "fraction of steps, at the end, decaying the lr "
                                        "linearly to 0", ge=0, le=1)
-    hook: str | None = setting(None, "hook of the cache to read (needed when it holds several)")
+    hook: list[str] = setting([], "hook(s) of the cache to read (needed when it holds "
+                              "several); several: one SAE or sweep per hook, from the same "
+                              "batches, each in OUT/<hook>/")
     hook_out: str | None = setting(None, "train transcoders: reconstruct this hook of the cache "
                                    "from --hook's activations (e.g. blocks.6.hook_mlp_out)")
     skip_connection: bool = setting(False, "skip transcoders: also learn a linear map from "
@@ -81,7 +83,10 @@ class TrainConfig:
     wandb: bool = setting(False, "also log to Weights & Biases (needs wandb installed)")
 
     def __post_init__(self) -> None:
+        if self.hook is None or isinstance(self.hook, str):  # one hook, as before it was a list
+            self.hook = [self.hook] if self.hook else []
         check_fields(self)
+        self.hook = list(dict.fromkeys(self.hook))  # a hook named twice is trained once
         unknown = sorted(set(self.arch) - set(ARCHITECTURES))
         if unknown:
             raise SAEConfigError(f"--arch: unknown architecture(s) {unknown}; choose from "
@@ -91,7 +96,11 @@ class TrainConfig:
                                 f"--batch-size {self.batch_size}.")
         if self.skip_connection and not self.hook_out:
             raise ConfigError("--skip-connection is for transcoders: give --hook-out too.")
-        if self.hook_out and self.hook_out == self.hook:
+        if self.hook_out and len(self.hook) > 1:
+            raise ConfigError(f"--hook-out trains transcoders from one --hook; got "
+                              f"{len(self.hook)} (--hook {', --hook '.join(self.hook)}): train "
+                              "each transcoder in a run of its own.")
+        if self.hook_out and self.hook_out in self.hook:
             raise ConfigError(f"--hook-out {self.hook_out} is --hook itself: leave it out to "
                               "train an SAE.")
         self.options = _sweep_lists(self.options, self.arch)
@@ -117,6 +126,8 @@ class TrainConfig:
         if not self.hook_out:  # as checkpoints from before transcoders have it
             skip |= {"hook_out", "skip_connection"}
         key = {k: v for k, v in asdict(self).items() if k not in skip}
+        # one hook (or none) keyed as before hooks were a list, so older checkpoints resume
+        key["hook"] = self.hook[0] if len(self.hook) == 1 else (list(self.hook) or None)
         key["activations"] = str(Path(self.activations).resolve()) if self.activations else ""
         key["sweep"] = {arch: {f.name: self.options.get(f.name, [getattr(defaults, f.name)])
                                for f in fields(defaults)}
@@ -185,91 +196,6 @@ def _label_value(value: Any) -> str:
         else str(value).lower()
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up, constant, then linear decay to zero."""
-    warmup = max(1, int(config.lr_warmup_fraction * config.steps))
-    decay = int(config.lr_decay_fraction * config.steps)
-    factor = min(1.0, (step + 1) / warmup)
-    if decay and step >= config.steps - decay:
-        factor = min(factor, (config.steps - step) / decay)
-    return config.lr * factor
-
-
-@dataclass
-class Distributed:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @classmethod
-    def from_environment(cls, device: torch.device) -> "Distributed":
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return cls(dist.get_rank(), world)
-
-    def batch_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of ``value`` over ranks (differentiable: gradients flow to the local part)."""
-        if self.world == 1:
-            return value
-        total = value.detach().clone()
-        dist.all_reduce(total)
-        return value + (total - value.detach())
-
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-    def all_true(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` holds on every rank."""
-        if self.world == 1:
-            return flag
-        value = torch.tensor([int(flag)], dtype=torch.int32, device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        return bool(value.item())
-
-    def any_(self, mask: torch.Tensor) -> torch.Tensor:
-        return self.sum_(mask.to(torch.int32)) > 0 if self.world > 1 else mask
-
-
-@dataclass
-class Run:
-    """One SAE of the sweep and its training state."""
-
-    name: str
-    sae: SAE
-    optimizer: torch.optim.Adam
-    tokens_since_fired: torch.Tensor  # [d_sae] int64
-
-    def dead_mask(self, threshold: int) -> torch.Tensor:
-        return self.tokens_since_fired >= threshold
-
-    def state(self) -> dict:
-        return {"sae": self.sae.state_dict(), "cfg": asdict(self.sae.cfg),
-                "optimizer": self.optimizer.state_dict(),
-                "tokens_since_fired": self.tokens_since_fired}
-
-    def restore(self, state: dict) -> None:
-        self.sae.load_state_dict(state["sae"])
-        self.sae.cfg.activation_scale = state["cfg"]["activation_scale"]
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
-
-
-def make_runs(configs: dict[str, SAEConfig], config: TrainConfig, device: torch.device) -> list[Run]:
-    runs = []
-    for name, sae_cfg in configs.items():
-        sae = ARCHITECTURES[sae_cfg.architecture](sae_cfg, device=device)
-        optimizer = torch.optim.Adam(sae.parameter_groups(), lr=config.lr)
-        runs.append(Run(name, sae, optimizer,
-                        torch.zeros(sae_cfg.d_sae, dtype=torch.long, device=device)))
-    return runs
-
-
 def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
     path = out / CHECKPOINT
     if not path.exists():
@@ -278,8 +204,13 @@ def load_checkpoint(out: Path, config: TrainConfig) -> dict | None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         saved_config = checkpoint["config"]
     except Exception as err:  # noqa: BLE001 - torch reports a damaged file in several ways
-        raise TrainingError(f"{path} is damaged ({type(err).__name__}: {err}); it is only a "
-                            "resume point: delete it to train from the start.") from None
+        # only a resume point (written atomically, so damaged from outside): set it aside and
+        # train from the start, which ends where the interrupted run would have
+        aside = path.with_name(CHECKPOINT + ".damaged")
+        path.replace(aside)
+        tqdm.write(f"saekit: {path} is damaged ({type(err).__name__}); moved to {aside.name}, "
+                   "training from the start.")
+        return None
     saved = dict(saved_config)
     saved.pop("out", None)  # checkpoints before the key compared resolved paths
     _upgrade_legacy_sweep(saved)
@@ -339,9 +270,9 @@ def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream,
             "or smaller shards (saekit cache --shard-rows), or pass --holdout-tokens 0 to skip "
             "the held-out evaluation.")
     train_shards = list(range(cache.n_shards - holdout))
-    stream = ActivationStream(cache, config.batch_size, config.hook, config.seed,
+    stream = ActivationStream(cache, config.batch_size, (config.hook or [None])[0], config.seed,
                               config.buffer_tokens, shards=train_shards,
-                              target_hook=config.hook_out)
+                              target_hook=config.hook_out, extra_hooks=config.hook[1:])
     if stream.tokens_per_epoch < config.batch_size:
         raise TrainingError(f"The cache has {stream.tokens_per_epoch} training tokens, fewer than "
                             f"one batch of {config.batch_size}.")
@@ -356,48 +287,9 @@ def next_batch(batches: Iterator[torch.Tensor], step: int) -> torch.Tensor:
         raise NonFiniteActivationsError(f"At step {step}: {err}") from err
 
 
-def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
-               ranks: Distributed) -> dict[str, float]:
-    """One optimiser step of one SAE on this rank's slice ``batch`` [batch / world, d_in]."""
-    dead = run.dead_mask(config.dead_tokens)
-    x, target = run.sae.split_pair(batch)
-    result = run.sae.training_forward(x, dead_mask=dead, progress=step / config.steps,
-                                      batch_sum=ranks.batch_sum, target=target)
-    run.optimizer.zero_grad(set_to_none=True)
-    result.losses["loss"].backward()
-    for parameter in run.sae.parameters():
-        if parameter.grad is not None:
-            ranks.sum_(parameter.grad)
-    run.sae.before_optimizer_step()
-    for group in run.optimizer.param_groups:
-        group["lr"] = learning_rate(config, step) * group["lr_scale"]
-    run.optimizer.step()
-    run.sae.after_optimizer_step()
-    fired = ranks.any_(result.fired)
-    run.tokens_since_fired += config.batch_size
-    run.tokens_since_fired[fired] = 0
-    logged = {k: float(v.detach()) for k, v in result.losses.items()}
-    non_finite = {k: v for k, v in logged.items() if not math.isfinite(v)}
-    if non_finite:
-        raise TrainingError(
-            f"{run.name}: the loss became non-finite at step {step} ({non_finite}) - training "
-            f"diverged (lr {config.lr:g}); lower --lr or normalise the activations. "
-            "Nothing from this step was saved: the last checkpoint is intact.")
-    logged["dead_fraction"] = float(run.dead_mask(config.dead_tokens).float().mean())
-    return logged
-
-
-def check_finite_parameters(runs: list[Run], step: int) -> None:
-    """Refuse to save SAEs whose parameters hold NaN or inf (named by SAE and tensor)."""
-    for run in runs:
-        bad = [name for name, p in run.sae.named_parameters() if not bool(p.isfinite().all())]
-        if bad:
-            raise TrainingError(f"{run.name}: parameters {bad} are non-finite after step "
-                                f"{step}; lower --lr. Not saved.")
-
-
 def train(config: TrainConfig) -> dict[str, Path]:
-    """Train every SAE of ``config``; returns name → saved SAE folder (under ``config.out``).
+    """Train every SAE of ``config``; returns name → saved SAE folder (under ``config.out``;
+    with several hooks the names, and folders, are ``<hook>/<sweep name>``).
     ``FolderInUseError`` while another run trains into ``config.out``."""
     device = default_device(config.device)
     ranks = Distributed.from_environment(device)
@@ -423,10 +315,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
                             f"{ranks.world} processes.")
     cache, stream, holdout = open_stream(config)
     out = Path(config.out)
-    metadata = SAEMetadata(model_name=cache.manifest.model, hook_name=stream.hook,
-                           context_size=cache.context, dataset_path=str(cache.folder),
-                           hook_name_out=stream.target_hook)
-    runs = make_runs(sweep_configs(config, cache.d_model, metadata), config, device)
+    runs = hook_runs(config, cache, stream, device)
     checkpoint = load_checkpoint(out, config)
     if checkpoint:
         start = checkpoint["step"]
@@ -438,8 +327,9 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
         torch.manual_seed(config.seed)
         first = stream.batches()
         sample = torch.cat([next_batch(first, 0) for _ in range(max(1, 16384 // config.batch_size))])
+        parts = stream.per_hook(sample.to(device))
         for run in runs:
-            run.sae.init_from_data(*run.sae.split_pair(sample.to(device)))
+            run.sae.init_from_data(*run.sae.split_pair(parts[run.part]))
     writer = MetricsWriter(out, runs, start, config, learning_rate) if ranks.rank == 0 else None
     local = slice(ranks.rank * config.batch_size // ranks.world,
                   (ranks.rank + 1) * config.batch_size // ranks.world)
@@ -448,8 +338,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
                     disable=ranks.rank != 0)
     batches = stream.batches(start_batch=start)
     for step in range(start, config.steps):
-        batch = next_batch(batches, step)[local].to(device)
-        logs = {run.name: train_step(run, batch, config, step, ranks) for run in runs}
+        parts = stream.per_hook(next_batch(batches, step)[local].to(device))
+        logs = {run.name: train_step(run, parts[run.part], config, step, ranks) for run in runs}
         progress.update(config.batch_size)
         if writer:
             writer.log(step + 1, logs)
@@ -461,12 +351,28 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
     if ranks.rank == 0:
         check_finite_parameters(runs, config.steps)
         save_checkpoint(out, config, config.steps, runs)
-        held_out = (ActivationStream(cache, config.batch_size, stream.hook, shards=holdout,
-                                     target_hook=stream.target_hook) if holdout else None)
+        held_out = [ActivationStream(cache, config.batch_size, hook, shards=holdout,
+                                     target_hook=stream.target_hook) if holdout else None
+                    for hook in stream.hooks]
         for run in runs:
-            saved[run.name] = finish_run(run, out, held_out, config)
+            saved[run.name] = finish_run(run, out, held_out[run.part], config)
         writer.close()
     return saved
+
+
+def hook_runs(config: TrainConfig, cache: ActivationCache, stream: ActivationStream,
+              device: torch.device) -> list[Run]:
+    """The runs of every SAE of the sweep at each of ``stream.hooks``; with several hooks a
+    run's name (and folder) is ``<hook>/<sweep name>``."""
+    runs = []
+    for part, hook in enumerate(stream.hooks):
+        metadata = SAEMetadata(model_name=cache.manifest.model, hook_name=hook,
+                               context_size=cache.context, dataset_path=str(cache.folder),
+                               hook_name_out=stream.target_hook)
+        prefix = f"{hook}/" if len(stream.hooks) > 1 else ""
+        runs += make_runs(sweep_configs(config, cache.d_model, metadata), config, device,
+                          part, prefix)
+    return runs
 
 
 def finish_run(run: Run, out: Path, held_out: ActivationStream | None,
