@@ -87,8 +87,9 @@ def recipe(config: DemoConfig) -> dict:
     if not train_config.hook_out:  # an SAE, not a transcoder: as recipes before transcoders
         left_out |= {"hook_out", "skip_connection"}
     settings = asdict(train_config)
+    key = train_config.resume_key()  # the hook keyed as one name (or none), as recipes had it
     return {k: v for k, v in settings.items() if k not in left_out} \
-        | {"sweep": train_config.resume_key()["sweep"]}
+        | {"hook": key["hook"], "sweep": key["sweep"]}
 
 
 def ship_sae(trained: str | Path, dest: str | Path = SHIPPED_SAE) -> Path:

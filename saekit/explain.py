@@ -207,6 +207,7 @@ def non_activating_examples(sae, source, scan: FeatureScan, tokenizer, n: int, r
 
     before, after = scan.window
     width = before + after + 1
+    rows = min(rows, len(scan.tokens))  # no further than the scan read (--max-rows)
     generator = torch.Generator().manual_seed(seed)
     acts = torch.cat([a.cpu() for _, a in _chunks(sae, source, scan.features, rows)])
     strings = TokenStrings(tokenizer)

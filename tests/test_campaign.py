@@ -12,8 +12,7 @@ import torch
 
 from saekit import ActivationCache, CaptureConfig, capture_activations, cli
 from saekit.corpus import load_corpus, pack_token_rows
-from saekit.errors import (ConfigError, CorpusError, CorruptCacheError, SaekitError,
-                           TrainingError)
+from saekit.errors import ConfigError, CorpusError, CorruptCacheError, SaekitError
 from saekit.sae import SAEMetadata, TopKSAE, load_sae, sae_config
 from saekit.steer import Intervention, SteeringError
 from saekit.steer_eval import steering_sweep
@@ -76,6 +75,11 @@ def test_a_hook_named_twice_is_captured_once():
     assert CaptureConfig(hooks=[HOOKS[1], HOOKS[1]]).hooks == [HOOKS[1]]
 
 
+def test_an_empty_text_field_is_refused():
+    with pytest.raises(ConfigError, match="--text-field is empty"):
+        CaptureConfig(text_field=" ")
+
+
 def test_a_malformed_jsonl_dataset_is_named(tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": broken\n')
@@ -111,15 +115,23 @@ def test_a_manifest_that_disagrees_with_its_shards_is_refused(small_capture, tmp
         ActivationCache.open(out).load_shard(0, HOOKS[1])
 
 
-def test_a_damaged_checkpoint_is_named(small_capture, tmp_path):
+def test_a_damaged_checkpoint_is_set_aside_and_training_starts_over(small_capture, tmp_path,
+                                                                     capsys):
+    """It crashed with a zip-reader RuntimeError, and so did every rerun."""
+    def config(out):
+        return TrainConfig(activations=str(small_capture), out=str(out), hook=HOOKS[1],
+                           latents=[64], options={"k": [4]}, tokens=1024, batch_size=64,
+                           holdout_tokens=0)
+
     out = tmp_path / "run"
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
-    config = TrainConfig(activations=str(small_capture), out=str(out), hook=HOOKS[1],
-                         latents=[64], options={"k": [4]}, tokens=1024, batch_size=64,
-                         holdout_tokens=0)
-    with pytest.raises(TrainingError, match="checkpoint.pt is damaged.*delete it"):
-        train(config)
+    trained = train(config(out))
+    assert "checkpoint.pt is damaged" in capsys.readouterr().err
+    assert (out / "checkpoint.pt.damaged").exists()
+    fresh = train(config(tmp_path / "fresh"))
+    torch.testing.assert_close(load_sae(next(iter(trained.values()))).W_dec,
+                               load_sae(next(iter(fresh.values()))).W_dec)
 
 
 @pytest.fixture

@@ -258,3 +258,40 @@ def test_the_hypothesis_command_scores_a_label_with_every_scorer(small_capture, 
     assert 0 <= result["detection"]["auroc"] <= 1 and 0 <= result["fuzzing"]["auroc"] <= 1
     assert cli.main(common + ["--score", "fuzzing"]) == 0
     assert "detection" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_gives_the_uninterrupted_file(shipped_sae, small_capture,
+                                                                tmp_path):
+    """The acceptance check as a user would meet it: `saekit explain` killed with SIGKILL
+    after its first stored feature, then run again, ends with the file an uninterrupted run
+    writes: every feature once, byte for byte the same."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    stats = feature_statistics(shipped_sae, small_capture)
+    count = (stats.frequency * stats.n_tokens).round().long()
+    count[stats.frequency > 0.05] = 0
+    features = ",".join(map(str, count.topk(4).indices.tolist()))
+    command = [sys.executable, "-m", "saekit", "explain", "--sae", str(SHIPPED_SAE),
+               "--activations", str(small_capture), "--features", features,
+               "--batch-features", "1", "--n-shown", "3", "--n-bands", "1", "--per-band", "2",
+               "--n-non-activating", "2", "--max-rows", "16", "--max-new-tokens", "12"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(command + ["--out", str(whole)], check=True, env=env, capture_output=True)
+    run = subprocess.Popen(command + ["--out", str(killed)], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stored = killed / EXPLANATIONS
+    while run.poll() is None and not (stored.exists() and stored.read_text().count("\n")):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert stored.read_text().count("\n") < 4, "the run finished before it was killed"
+    subprocess.run(command + ["--out", str(killed)], check=True, env=env, capture_output=True)
+    assert stored.read_text() == (whole / EXPLANATIONS).read_text()
+    assert [r["feature"] for r in read_explanations(stored)] == \
+        [int(f) for f in features.split(",")]
