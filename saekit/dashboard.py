@@ -399,7 +399,8 @@ def write_dashboard(out_dir: str | Path, model, sae, cache, features, n_examples
 # --- command line ------------------------------------------------------------------------------
 
 def parse_features(spec: str, d_sae: int) -> list[int]:
-    """``"0:200,512,7"`` → ids (ranges end-exclusive; ``"all"``: every feature)."""
+    """``"0:200,512,7"`` → ids (ranges end-exclusive, open ends as in Python: ``"5:"`` is 5
+    to the last feature; ``"all"``: every feature)."""
     if spec.strip() == "all":
         return list(range(d_sae))
     ids: list[int] = []

@@ -37,7 +37,12 @@ def read_prompts(path: str | Path | None = None) -> list[str]:
     path = Path(path) if path is not None else NEUTRAL_PROMPTS
     if not path.is_file():
         raise SteeringError(f"Prompt file {path} does not exist (one prompt per line).")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SteeringError(f"Prompt file {path} is not UTF-8 text ({err}): give one prompt "
+                            "per line.") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SteeringError(f"Prompt file {path} holds no prompts (one per line).")
     return prompts

@@ -171,3 +171,27 @@ def test_python_api_wrong_types_are_clean_errors(saved, model):
         steering_sweep(model, [[]], "Hi there", ["cat"])
     with pytest.raises(SteeringError, match="concept_keywords"):
         steering_sweep(model, [[]], ["Hi there"], "cat")
+
+
+def test_an_sae_with_nan_weights_is_refused_at_load(saved):
+    """`saekit eval` on it crashed while printing its report (second campaign run)."""
+    from safetensors.torch import load_file, save_file
+
+    _, folder = saved
+    weights = load_file(folder / "sae_weights.safetensors")
+    weights["W_dec"][0, 0] = float("nan")
+    save_file(weights, folder / "sae_weights.safetensors")
+    cfg = json.loads((folder / "cfg.json").read_text())
+    del cfg["weights_sha256"]  # as a folder from another toolkit would be
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaekitError, match=r"\['W_dec'\] hold NaN"):
+        load_sae(folder)
+
+
+def test_a_binary_prompt_file_is_named(tmp_path):
+    from saekit.steer_eval import read_prompts
+
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(bytes([0xf5, 0xff, 0x00, 0x80]) * 8)
+    with pytest.raises(SteeringError, match="prompts.txt is not UTF-8"):
+        read_prompts(path)

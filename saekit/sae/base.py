@@ -347,6 +347,13 @@ class SAE(nn.Module):
         if missing:
             raise SAEConfigError(f"{source} does not fit a {cfg.architecture} SAE: keys "
                                  f"{sorted(missing)} are missing or unexpected.")
+        # NaN anywhere, or inf in a weight matrix (a threshold may be +inf: a latent that
+        # never fires)
+        broken = [k for k, v in state.items() if bool(v.isnan().any())
+                  or k.startswith("W_") and not bool(v.isfinite().all())]
+        if broken:
+            raise SAEConfigError(f"{source}: {broken} hold NaN or inf; the SAE is damaged (or "
+                                 "was saved from a diverged run). Train or copy it again.")
         expected = sae.state_dict()
         wrong = [f"{k} {tuple(v.shape)} ({config} implies {tuple(expected[k].shape)})"
                  for k, v in state.items() if v.shape != expected[k].shape]
