@@ -127,7 +127,8 @@ def test_a_damaged_checkpoint_is_set_aside_and_training_starts_over(small_captur
     out.mkdir()
     (out / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     trained = train(config(out))
-    assert "checkpoint.pt is damaged" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert "checkpoint.pt is damaged" in said.out + said.err  # tqdm.write, beside the bar
     assert (out / "checkpoint.pt.damaged").exists()
     fresh = train(config(tmp_path / "fresh"))
     torch.testing.assert_close(load_sae(next(iter(trained.values()))).W_dec,
