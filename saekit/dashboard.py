@@ -104,14 +104,22 @@ INDEX_JS = """
 
 
 @dataclass
-class DashboardConfig:
-    """What ``saekit dashboard`` writes (its flags are these fields)."""
+class SAEAndCorpus:
+    """The fields of a command that reads an SAE and a corpus at its hook: a cache
+    (``activations``) or ``tokens`` of a ``dataset`` captured first (exactly one of them)."""
 
     sae: str = setting("", SAE_HELP, required=True)
     activations: str | None = setting(None, "activation cache at the SAE's hook (or --dataset)")
-    dataset: str | None = setting(None, "corpus to capture into OUT/.activations: 'default', "
-                                  "a local file or a dataset name (or --activations)")
+    dataset: str | None = setting(None, "corpus to capture first (kept in the output's cache "
+                                  "folder): 'default', a local file or a dataset name (or "
+                                  "--activations)")
     tokens: int = setting(200_000, "tokens to capture with --dataset", ge=1)
+
+
+@dataclass
+class DashboardConfig(SAEAndCorpus):
+    """What ``saekit dashboard`` writes (its flags are these fields)."""
+
     features: str = setting("0:100", "feature ids and ranges, e.g. 0:200,512 ('all': every one)")
     out: str = setting("", "folder for index.html and the feature pages", required=True)
     n_examples: int = setting(20, "top-activating examples per feature", ge=1)

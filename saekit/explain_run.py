@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from saekit.config import DEVICE_HELP, check_fields, setting
-from saekit.dashboard import check_corpus_source
+from saekit.dashboard import SAEAndCorpus, check_corpus_source
 from saekit.errors import ConfigError
 from saekit.explain import (PROMPT_VERSION, DetectionScore, ExplainError, FeatureMaterial,
                             clean_explanation, example_id, explanation_prompt, feature_material)
@@ -35,14 +35,9 @@ HYPOTHESIS = "hypothesis.json"
 
 
 @dataclass
-class ExplainConfig:
+class ExplainConfig(SAEAndCorpus):
     """What ``saekit explain`` reads, explains and scores (its flags are these fields)."""
 
-    sae: str = setting("", "SAE folder (or file) to explain", required=True)
-    activations: str | None = setting(None, "activation cache at the SAE's hook (or --dataset)")
-    dataset: str | None = setting(None, "corpus to capture into OUT/.activations: 'default', "
-                                  "a local file or a dataset name (or --activations)")
-    tokens: int = setting(200_000, "tokens to capture with --dataset", ge=1)
     features: str = setting("0:100", "feature ids and ranges, e.g. 0:500,512 ('all': every one)")
     out: str = setting("", "folder for explanations.jsonl and its summary", required=True)
     score: str = setting("detection,fuzzing", "comma list of scorers to run: detection, "

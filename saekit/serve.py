@@ -37,7 +37,7 @@ from saekit import analyse, directions
 from saekit.analyse import Example, QuantileBand
 from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.files import write_json, write_safetensors
-from saekit.formats import SAE_HELP
+from saekit.dashboard import SAEAndCorpus
 from saekit.generation import iter_sampled_tokens, stop_token_ids
 from saekit.search import FeatureExplanation
 from saekit.serve_requests import (FeatureQuery, Limits, ServeError, SteerRequest, SweepRequest,
@@ -50,14 +50,9 @@ QUANTILE_SAMPLES = 60  # nonzero activations sampled per feature for the quantil
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(SAEAndCorpus):
     """What ``saekit serve`` loads and how it listens (its flags are these fields)."""
 
-    sae: str = setting("", SAE_HELP, required=True)
-    activations: str | None = setting(None, "activation cache at the SAE's hook (or --dataset)")
-    dataset: str | None = setting(None, "corpus to capture into the cache folder: 'default', a "
-                                  "local file or a dataset name (or --activations)")
-    tokens: int = setting(200_000, "tokens to capture with --dataset", ge=1)
     explanations: str | None = setting(None, "explanations.jsonl of `saekit explain` (or its "
                                        "folder): explanations, scores and search by explanation")
     cache_dir: str | None = setting(None, "folder for computed statistics and feature pages "
