@@ -20,6 +20,7 @@ the AUROC of P(yes) against the truth. Fuzzing and ``--score`` are in ``saekit.e
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -195,6 +196,32 @@ def judged_score(judge, chats: list[list[dict[str, str]]], n_positive: int) -> D
                           balanced_accuracy(p_yes, truth, float(p_yes.median())),
                           auroc(p_yes, truth), n_positive, len(chats) - n_positive,
                           p_yes[truth].tolist(), p_yes[~truth].tolist())
+
+
+def split_torn_line(data: bytes) -> tuple[bytes, bytes]:
+    """``(whole lines, the rest)`` of a JSON-lines file's bytes: the rest is a last line cut
+    mid-write by a killed run (or ``b""``)."""
+    cut = data.rfind(b"\n") + 1
+    return data[:cut], data[cut:]
+
+
+def parse_json_lines(whole: bytes, path) -> list[tuple[int, object]]:
+    """``(line number, JSON value)`` of each non-blank line of ``whole`` (whole lines of
+    ``path``); a line that is not JSON is an ``ExplainError`` naming it."""
+    try:
+        text = whole.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ExplainError(f"Cannot read {path} as UTF-8 text ({err}).") from None
+    records = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ExplainError(f"{path} line {number} is not JSON ({err}); fix or remove that "
+                               "line, or move the file away to start over.") from None
+    return records
 
 
 # --- material from the corpus ------------------------------------------------------------------

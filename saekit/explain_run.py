@@ -23,7 +23,8 @@ from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.dashboard import SAEAndCorpus, check_corpus_source
 from saekit.errors import ConfigError
 from saekit.explain import (PROMPT_VERSION, DetectionScore, ExplainError, FeatureMaterial,
-                            clean_explanation, example_id, explanation_prompt, feature_material)
+                            clean_explanation, example_id, explanation_prompt,
+                            feature_material, parse_json_lines, split_torn_line)
 from saekit.explain_scores import SCORERS, parse_scorers, score_examples
 from saekit.explainer_model import DEFAULT_EXPLAINER
 from saekit.explainer_openai import DEFAULT_KEY_ENV, check_endpoint_options, endpoint_options
@@ -100,20 +101,12 @@ def read_explanations(path: Path) -> list[dict]:
     """The records in ``path`` (none if missing), after cutting off a torn last line."""
     if not path.exists():
         return []
-    data = path.read_bytes()
-    whole = data[:data.rfind(b"\n") + 1]
-    if len(whole) != len(data):
+    whole, torn = split_torn_line(path.read_bytes())
+    if torn:
         with open(path, "rb+") as file:
             file.truncate(len(whole))
             os.fsync(file.fileno())
-    records = []
-    for number, line in enumerate(whole.decode("utf-8", "replace").splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise ExplainError(f"{path} line {number} is not JSON ({err}); move the file "
-                               "away to start over.") from None
-    return records
+    return [record for _, record in parse_json_lines(whole, path)]
 
 
 def append_record(path: Path, record: dict) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from saekit.config import check_fields, setting
 from saekit.errors import ConfigError
-from saekit.explain import ExplainError
+from saekit.explain import ExplainError, parse_json_lines, split_torn_line
 
 EXPLANATIONS_FILE = "explanations.jsonl"
 STOPWORDS = frozenset("a an and are as at by for from in is it of on or the to with".split())
@@ -112,24 +112,16 @@ def load_explanations(path: str | Path) -> list[FeatureExplanation]:
         raise ExplainError(f"No explanations file at {path}: run `saekit explain --out DIR` "
                            f"first and give DIR or DIR/{EXPLANATIONS_FILE}.")
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except (UnicodeDecodeError, OSError) as err:
-        raise ExplainError(f"Cannot read {path} as UTF-8 text ({err}).") from None
-    torn = lines.pop()  # "" after a final newline; otherwise a line cut mid-write
-    records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ExplainError(f"{path} line {number} is not JSON ({err}); fix or remove that "
-                               "line, or rerun `saekit explain`.") from None
-        records.append(_record(data, f"{path} line {number}"))
+        whole, torn = split_torn_line(path.read_bytes())
+    except OSError as err:
+        raise ExplainError(f"Cannot read {path} ({err}).") from None
+    lines = whole.count(b"\n")
+    records = [_record(data, f"{path} line {number}")
+               for number, data in parse_json_lines(whole, path)]
     try:
-        records.append(_record(json.loads(torn), f"{path} line {len(lines) + 1}"))
-    except json.JSONDecodeError:
-        pass  # torn by a killed run: `saekit explain` resumes it
+        records.append(_record(json.loads(torn), f"{path} line {lines + 1}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        pass  # torn by a killed run (read, never repaired: `saekit explain` resumes it)
     return records
 
 

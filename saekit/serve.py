@@ -37,7 +37,7 @@ from saekit import analyse, directions
 from saekit.analyse import Example, QuantileBand
 from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.files import write_json, write_safetensors
-from saekit.dashboard import SAEAndCorpus
+from saekit.dashboard import SAEAndCorpus, check_corpus_source
 from saekit.generation import iter_sampled_tokens, stop_token_ids
 from saekit.search import FeatureExplanation
 from saekit.serve_requests import (FeatureQuery, Limits, ServeError, SteerRequest, SweepRequest,
@@ -73,9 +73,7 @@ class ServeConfig(SAEAndCorpus):
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if (self.activations is None) == (self.dataset is None):  # ServeError: a cross-field rule
-            raise ServeError("saekit serve reads --activations CACHE or captures --dataset NAME: "
-                             "give exactly one of them.")
+        check_corpus_source(self, "serve")
 
 
 # --- the model's one thread --------------------------------------------------------------------

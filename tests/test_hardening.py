@@ -24,6 +24,7 @@ from saekit.dashboard import DashboardConfig
 from saekit.explain_run import ExplainConfig
 from saekit.generation import SteerConfig
 from saekit.search import SearchConfig
+from saekit.serve import ServeConfig
 from saekit.steer_eval import SteerEvalConfig
 from saekit.train import TrainConfig, truncate_metrics
 
@@ -119,6 +120,7 @@ CONFIGS = list(dict.fromkeys([*(c for command in COMMANDS for c in command.confi
                               *(sae_class.config_class for sae_class in ARCHITECTURES.values())]))
 # the other fields' values while one field is walked (required ones have no usable default)
 VALID = {DashboardConfig: {"dataset": "default"}, ExplainConfig: {"dataset": "default"},
+         ServeConfig: {"dataset": "default"},
          SteerConfig: {"feature": 0, "value": 1.0},
          SearchConfig: {"explanations": "explanations.jsonl", "query": "cheese"},
          SteerEvalConfig: {"feature": 0, "values": [1.0]}}
