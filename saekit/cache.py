@@ -50,6 +50,19 @@ def check_shard(folder: Path, entry: ShardEntry, verify_checksum: bool) -> None:
         raise CorruptCacheError(f"Shard {path} does not match its sha256 in the manifest. {fix}")
 
 
+def pick_hook(hooks: list[str], hook: str | None) -> str:
+    """``hook``, checked to be one of ``hooks``; None picks the only one."""
+    if hook is None:
+        if len(hooks) != 1:
+            raise CacheMismatchError(
+                f"The cache holds several hooks {hooks}; say which one to read."
+            )
+        return hooks[0]
+    if hook not in hooks:
+        raise CacheMismatchError(f"The cache holds hooks {hooks}, not {hook!r}.")
+    return hook
+
+
 @dataclass
 class ActivationCache:
     """An opened activation cache. Shapes: tokens ``[n_rows, context]``, shard ``[rows, context, d_model]``."""
@@ -100,16 +113,24 @@ class ActivationCache:
     def shard_rows(self, index: int) -> tuple[int, int]:
         return self.manifest.shards[index].rows
 
+    @property
+    def bos_token_id(self) -> int:
+        return self.manifest.bos_token_id
+
+    @property
+    def model_name(self) -> str:
+        return self.manifest.model
+
+    @property
+    def source(self) -> str:
+        """Where the activations come from (recorded in a trained SAE's metadata)."""
+        return str(self.folder)
+
+    def shard_label(self, index: int) -> str:
+        return f"Shard {self.folder / self.manifest.shards[index].file}"
+
     def check_hook(self, hook: str | None) -> str:
-        if hook is None:
-            if len(self.hooks) != 1:
-                raise CacheMismatchError(
-                    f"The cache holds several hooks {self.hooks}; say which one to read."
-                )
-            return self.hooks[0]
-        if hook not in self.hooks:
-            raise CacheMismatchError(f"The cache holds hooks {self.hooks}, not {hook!r}.")
-        return hook
+        return pick_hook(self.hooks, hook)
 
     def load_shard(self, index: int, hook: str | None = None,
                    verify_checksum: bool = True) -> torch.Tensor:
@@ -134,7 +155,8 @@ class ActivationCache:
 
 @dataclass
 class ActivationStream:
-    """Shuffled batches of single-token activations ``[batch, d_model]`` from a cache.
+    """Shuffled batches of single-token activations ``[batch, d_model]`` from a cache (or a
+    ``saekit.model_stream.ModelActivations``, which computes each shard when it is read).
 
     Each epoch visits the shards in a seeded random order, a group of shards at a time
     (as many as fit ``buffer_tokens``); a group's tokens are shuffled together and cut
@@ -148,7 +170,7 @@ class ActivationStream:
     so every hook sees the same tokens in the same order as a stream of that hook alone.
     """
 
-    cache: ActivationCache
+    cache: ActivationCache  # or ModelActivations: the same reading interface
     batch_size: int
     hook: str | None = None
     seed: int = 0
@@ -171,9 +193,9 @@ class ActivationStream:
         if self.shards is None:
             self.shards = list(range(self.cache.n_shards))
         if not self.shards:
-            raise CorruptCacheError(f"No shards to read from {self.cache.folder}.")
+            raise CorruptCacheError(f"No shards to read from {self.cache.source}.")
         tokens = self.cache.tokens()
-        bos = self.cache.manifest.bos_token_id
+        bos = self.cache.bos_token_id
         self._masks = {}
         for index in self.shards:
             start, end = self.cache.shard_rows(index)
@@ -222,12 +244,13 @@ class ActivationStream:
 
     def _hook_tokens(self, index: int, hook: str) -> torch.Tensor:
         acts = self.cache.load_shard(index, hook, self.verify_checksums)
-        acts = acts.reshape(-1, self.cache.d_model)[self._masks[index]].to(self.dtype)
+        acts = acts.reshape(-1, self.cache.d_model)[self._masks[index].to(acts.device)]
+        acts = acts.to(self.dtype)
         finite = torch.isfinite(acts).all(dim=-1)
         if not finite.all():
             position = int((~finite).nonzero()[0])
             raise NonFiniteActivationsError(
-                f"Shard {self.cache.folder / self.cache.manifest.shards[index].file} holds "
+                f"{self.cache.shard_label(index)} holds "
                 f"NaN or inf activations at {hook} ({int((~finite).sum())} tokens, the first at "
                 f"usable token {position}). Recapture it, e.g. with --dtype float32 if it was float16."
             )
@@ -251,7 +274,7 @@ class ActivationStream:
         """Yield batches forever (epoch after epoch), starting at batch ``start_batch``."""
         if self.batches_per_epoch() == 0:
             raise CorruptCacheError(
-                f"The cache in {self.cache.folder} has {self.tokens_per_epoch} usable tokens, "
+                f"{self.cache.source} has {self.tokens_per_epoch} usable tokens, "
                 f"fewer than one batch of {self.batch_size}."
             )
         per_epoch = self.batches_per_epoch()

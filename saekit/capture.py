@@ -31,26 +31,39 @@ MODEL_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class CaptureConfig:
-    """What to capture. The CLI's ``saekit cache`` flags are these fields."""
+class ModelReading:
+    """Which model reads which corpus, and how: the settings ``saekit cache`` and on-the-fly
+    ``saekit train`` share."""
 
     model: str = setting(DEFAULT_MODEL, "model to read: the embedded default, an HF id or a "
                          "local folder")
-    hooks: list[str] = setting(["blocks.6.hook_resid_post"], "hook(s) to record, e.g. "
-                               "blocks.6.hook_resid_post", flag="hook")
     dataset: str = setting(DEFAULT_CORPUS, "corpus: 'default' (offline), a local .txt/.jsonl/"
                            ".parquet file or folder, or an HF dataset name")
-    tokens: int = setting(1_000_000, "tokens to capture (whole rows of --context)", ge=1)
     context: int = setting(128, "tokens per row", ge=2)
     batch_rows: int = setting(16, "rows per forward pass", ge=1)
+    model_dtype: str = setting("float32", "dtype of the model's forward pass (bfloat16: faster "
+                               "on GPUs and CPUs with avx512_bf16; activations are still "
+                               "kept in float32, or a cache's --dtype)",
+                               choices=sorted(MODEL_DTYPES))
+    text_field: str = setting("text", "text column of a .jsonl/.parquet/HF dataset")
+
+    def check_reading(self) -> None:
+        if not self.text_field.strip():
+            raise ConfigError("--text-field is empty: name the text column of the dataset "
+                              "(default: text).")
+
+
+@dataclass
+class CaptureConfig(ModelReading):
+    """What to capture. The CLI's ``saekit cache`` flags are these fields."""
+
+    hooks: list[str] = setting(["blocks.6.hook_resid_post"], "hook(s) to record, e.g. "
+                               "blocks.6.hook_resid_post", flag="hook")
+    tokens: int = setting(1_000_000, "tokens to capture (whole rows of --context)", ge=1)
     shard_rows: int = setting(512, "rows per shard file (rounded to --batch-rows)", ge=1)
     dtype: str = setting("float32", "storage dtype of the activations",
                          choices=sorted(STORAGE_DTYPES))
-    model_dtype: str = setting("float32", "dtype of the model's forward pass (bfloat16: faster "
-                               "on GPUs and CPUs with avx512_bf16; activations are still "
-                               "stored in --dtype)", choices=sorted(MODEL_DTYPES))
     seed: int = setting(0, "seed of the corpus shuffle")
-    text_field: str = setting("text", "text column of a .jsonl/.parquet/HF dataset")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -60,9 +73,7 @@ class CaptureConfig:
         if not self.hooks:
             raise ConfigError("Name at least one hook, e.g. blocks.6.hook_resid_post.")
         self.hooks = list(dict.fromkeys(self.hooks))  # a hook named twice is captured once
-        if not self.text_field.strip():
-            raise ConfigError("--text-field is empty: name the text column of the dataset "
-                              "(default: text).")
+        self.check_reading()
         self.shard_rows = max(self.batch_rows,
                               self.shard_rows // self.batch_rows * self.batch_rows)
 
@@ -77,7 +88,26 @@ def cache_settings(manifest: CacheManifest) -> dict:
     return {"model_dtype": "float32", **manifest.settings}
 
 
-def check_model_dtype(model, config: CaptureConfig) -> None:
+def check_model(model, config: ModelReading, hooks: list[str]) -> int | None:
+    """Check ``model`` runs in ``config.model_dtype``, has ``hooks`` and a context of at least
+    ``config.context``; the layer its forward can stop at after the deepest hook."""
+    check_model_dtype(model, config)
+    stop_at_layer = check_hooks(model, hooks)
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if n_ctx and config.context > n_ctx:
+        raise ConfigError(f"--context {config.context} is longer than {config.model}'s maximum "
+                          f"context of {n_ctx} tokens; give --context <= {n_ctx}.")
+    return stop_at_layer
+
+
+def corpus_rows(config: ModelReading, tokenizer, n_rows: int, seed: int) -> torch.Tensor:
+    """The first ``n_rows`` rows ``[n_rows, context]`` of ``config.dataset`` shuffled by
+    ``seed`` and packed (fewer if the corpus runs out)."""
+    documents = load_corpus(config.dataset, seed=seed, text_field=config.text_field)
+    return pack_token_rows(documents, tokenizer, n_rows, config.context)
+
+
+def check_model_dtype(model, config: ModelReading) -> None:
     """Raise ``ConfigError`` when ``model`` does not run in ``--model-dtype`` (a model passed
     in), or its device cannot compute in bfloat16."""
     parameter = next(model.parameters())
@@ -161,10 +191,13 @@ def new_manifest(config: CaptureConfig, model, tokens: torch.Tensor, out: Path
 
 @torch.inference_mode()
 def capture_shard(model, rows: torch.Tensor, hooks: list[str], stop_at_layer: int | None,
-                  batch_rows: int, dtype: torch.dtype, progress: tqdm) -> dict[str, torch.Tensor]:
-    """Activations of ``rows`` ``[n, context]`` at each hook: ``{hook: [n, context, d_model]}``."""
+                  batch_rows: int, dtype: torch.dtype, progress: tqdm | None = None,
+                  out_device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Activations of ``rows`` ``[n, context]`` at each hook: ``{hook: [n, context, d_model]}``
+    on ``out_device``."""
     n, context = rows.shape
-    out = {h: torch.empty(n, context, model.cfg.d_model, dtype=dtype) for h in hooks}
+    out = {h: torch.empty(n, context, model.cfg.d_model, dtype=dtype, device=out_device)
+           for h in hooks}
     device = next(model.parameters()).device
     for start in range(0, n, batch_rows):
         batch = rows[start:start + batch_rows].to(device)
@@ -175,7 +208,8 @@ def capture_shard(model, rows: torch.Tensor, hooks: list[str], stop_at_layer: in
 
         fwd_hooks = [(h, lambda act, hook, h=h: record(act, hook, h)) for h in hooks]
         model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop_at_layer)
-        progress.update(batch.numel())
+        if progress is not None:
+            progress.update(batch.numel())
     return out
 
 
@@ -219,15 +253,9 @@ def _capture_into(config: CaptureConfig, out: Path, model, device) -> Path:
         return out
     if model is None:
         model = load_model(config.model, device=device, dtype=MODEL_DTYPES[config.model_dtype])
-    check_model_dtype(model, config)
-    stop_at_layer = check_hooks(model, config.hooks)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    if n_ctx and config.context > n_ctx:
-        raise ConfigError(f"--context {config.context} is longer than {config.model}'s maximum "
-                          f"context of {n_ctx} tokens; give --context <= {n_ctx}.")
+    stop_at_layer = check_model(model, config, config.hooks)
     if manifest is None:
-        documents = load_corpus(config.dataset, seed=config.seed, text_field=config.text_field)
-        tokens = pack_token_rows(documents, model.tokenizer, config.n_rows, config.context)
+        tokens = corpus_rows(config, model.tokenizer, config.n_rows, config.seed)
         out.mkdir(parents=True, exist_ok=True)
         manifest = new_manifest(config, model, tokens, out)
         write_json(out / MANIFEST, manifest.to_dict())

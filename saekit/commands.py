@@ -76,9 +76,9 @@ def run_cache(config: CaptureConfig, output: CacheOutput) -> None:
 def run_train(config: TrainConfig) -> None:
     from saekit.train import train
 
-    if not config.activations or not config.out:
-        raise ConfigError("saekit train needs --activations DIR (from `saekit cache`) and "
-                          "--out DIR.")
+    if not config.out:
+        raise ConfigError("saekit train needs --out DIR, and --activations DIR (from `saekit "
+                          "cache`) or, to train on the fly, --hook (with --model, --dataset).")
     for name, folder in train(config).items():
         summary = json.loads((folder / "train_summary.json").read_text())["held_out"]
         if "fvu" not in summary:  # --holdout-tokens 0
@@ -250,7 +250,7 @@ def run_serve(config: ServeConfig) -> None:
 COMMANDS = (
     Command("cache", "capture activations of a model over a corpus",
             (CaptureConfig, CacheOutput), run_cache),
-    Command("train", "train SAEs (a sweep) on cached activations", (TrainConfig,), run_train),
+    Command("train", "train SAEs (a sweep) on cached activations or on the fly", (TrainConfig,), run_train),
     Command("hooks", "list a model's hook names", (HooksConfig,), run_hooks),
     Command("eval", "evaluate an SAE: FVU, L0, density, CE loss recovered and KL when spliced",
             (EvalConfig,), run_eval),

@@ -1,4 +1,5 @@
-"""Train SAEs on a cached activation stream: sweeps, exact resume, torchrun data parallelism.
+"""Train SAEs on a cached activation stream, or on the fly from the model: sweeps, exact
+resume, torchrun data parallelism.
 
 Every SAE of a sweep sees the same batches from one read of the cache; with several
 hooks each batch holds the same tokens at every hook, and each hook's sweep trains on its
@@ -8,6 +9,10 @@ gradients are summed over ranks, so N processes compute what one process compute
 on the whole batch. Checkpoints (weights, Adam state, dead-latent counters, RNG,
 step = data position) are written atomically every ``checkpoint_every`` steps; the
 same command resumes from the last one and ends with the same weights.
+
+Without ``activations`` the model reads the corpus as training goes
+(``saekit.model_stream``): the same batches a cache of those rows would give, memory flat in
+the token count, and the step alone locates the data on resume.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +28,13 @@ import torch
 from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
+from saekit.capture import ModelReading
 from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
 from saekit.files import FolderInUseError, output_lock, save_torch, write_json
 from saekit.model import default_device
+from saekit.model_stream import ModelActivations, open_model_activations, rows_to_read
 from saekit.train_log import MetricsWriter, truncate_metrics
 from saekit.train_runs import (Distributed, Run, check_finite_parameters, learning_rate,
                                make_runs, train_step)
@@ -39,16 +46,21 @@ __all__ = ["TrainConfig", "train", "train_config", "sweep_configs", "open_stream
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelReading):
     """One training run (possibly a sweep). The CLI's ``saekit train`` flags are these fields
     and, for ``options``, one flag per architecture setting (``--k``, ``--l1-coefficient``, ...).
+
+    With ``activations`` it trains on that cache; without, on the fly: ``model`` reads
+    ``dataset`` (the ``ModelReading`` fields, as for ``saekit cache``) at ``hook``.
 
     Every combination of ``arch``, ``latents`` and the ``options`` values an architecture has
     is trained: ``options={"k": [16, 32], "aux_k": [256]}`` sweeps k for topk and batchtopk;
     settings not given keep the architecture's default (see ``saekit.sae``'s config classes).
     """
 
-    activations: str = setting("", "activation cache to train on (from `saekit cache`)")
+    activations: str = setting("", "activation cache to train on (from `saekit cache`); "
+                               "without it the model reads the corpus on the fly (--model, "
+                               "--dataset, --hook)")
     out: str = setting("", "folder for the SAEs, their metrics.jsonl and the checkpoint")
     arch: list[str] = setting(["topk"], "architecture(s) to train (swept)")
     latents: list[int] = setting([4096], "number of latents, d_sae (swept)", ge=1)
@@ -76,6 +88,8 @@ class TrainConfig:
     holdout_tokens: int = setting(65_536, "tokens of the cache's last shards kept for the "
                                   "held-out evaluation (0: none)", ge=0)
     buffer_tokens: int = setting(1 << 18, "shuffle buffer, in tokens", ge=1)
+    shard_rows: int = setting(64, "on the fly: rows the model reads at a time, the unit the "
+                              "buffer shuffles (a cache's shard)", ge=1)
     seed: int = setting(0, "seed of initialisation and shuffling")
     checkpoint_every: int = setting(100, "steps between checkpoints (resume after a kill)", ge=1)
     log_every: int = setting(10, "steps between metrics.jsonl lines", ge=1)
@@ -86,6 +100,7 @@ class TrainConfig:
         if self.hook is None or isinstance(self.hook, str):  # one hook, as before it was a list
             self.hook = [self.hook] if self.hook else []
         check_fields(self)
+        self.check_reading()
         self.hook = list(dict.fromkeys(self.hook))  # a hook named twice is trained once
         unknown = sorted(set(self.arch) - set(ARCHITECTURES))
         if unknown:
@@ -123,6 +138,8 @@ class TrainConfig:
         and how the paths are spelled: the cache is compared by its resolved path, and the
         checkpoint is in ``out`` itself)."""
         skip = {"device", "wandb", "log_every", "checkpoint_every", "out", "options"}
+        if self.activations:  # the model-reading settings are the cache's, not the run's
+            skip |= {f.name for f in fields(ModelReading)} | {"shard_rows"}
         if not self.hook_out:  # as checkpoints from before transcoders have it
             skip |= {"hook_out", "skip_connection"}
         key = {k: v for k, v in asdict(self).items() if k not in skip}
@@ -256,8 +273,32 @@ def save_checkpoint(out: Path, config: TrainConfig, step: int, runs: list[Run]) 
                                   "runs": {r.name: r.state() for r in runs}})
 
 
-def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream, list[int]]:
-    cache = ActivationCache.open(config.activations)
+def open_source(config: TrainConfig, device: torch.device | None = None,
+                ranks: Distributed | None = None, model=None
+                ) -> ActivationCache | ModelActivations:
+    """The run's activations: its cache, or the model reading the corpus on the fly (the
+    training rows, then the held-out rows)."""
+    if config.activations:
+        return ActivationCache.open(config.activations)
+    if not config.hook:
+        raise ConfigError("Training on the fly (no --activations) needs the hook(s) to read: "
+                          "--hook blocks.6.hook_resid_post, for instance (`saekit hooks` lists "
+                          "them), or --activations CACHE to train on a cache.")
+    ranks = ranks or Distributed()
+    train_rows, held_rows = rows_to_read(config.tokens, config.holdout_tokens, config.context,
+                                         config.shard_rows)
+    hooks = [*config.hook, *([config.hook_out] if config.hook_out else [])]
+    return open_model_activations(config, hooks, train_rows + held_rows, config.seed,
+                                  config.shard_rows, device or default_device(config.device),
+                                  model, ranks.rank, ranks.world)
+
+
+def open_stream(config: TrainConfig, device: torch.device | None = None,
+                ranks: Distributed | None = None, model=None
+                ) -> tuple[ActivationCache | ModelActivations, ActivationStream, list[int]]:
+    """The run's source, its shuffled training stream, and the held-out shards (the last
+    ones, at least ``holdout_tokens``). ``model``: a loaded model for training on the fly."""
+    cache = open_source(config, device, ranks, model)
     holdout, held = 0, 0
     while held < config.holdout_tokens and holdout < cache.n_shards - 1:
         start, end = cache.shard_rows(cache.n_shards - 1 - holdout)
@@ -265,7 +306,7 @@ def open_stream(config: TrainConfig) -> tuple[ActivationCache, ActivationStream,
         holdout += 1
     if config.holdout_tokens > 0 and holdout == 0:
         raise TrainingError(
-            f"The cache in {config.activations} has {cache.n_shards} shard, so none can be held "
+            f"{cache.source} has {cache.n_shards} shard, so none can be held "
             f"out for evaluation (--holdout-tokens {config.holdout_tokens}): capture more tokens "
             "or smaller shards (saekit cache --shard-rows), or pass --holdout-tokens 0 to skip "
             "the held-out evaluation.")
@@ -287,10 +328,11 @@ def next_batch(batches: Iterator[torch.Tensor], step: int) -> torch.Tensor:
         raise NonFiniteActivationsError(f"At step {step}: {err}") from err
 
 
-def train(config: TrainConfig) -> dict[str, Path]:
+def train(config: TrainConfig, model=None) -> dict[str, Path]:
     """Train every SAE of ``config``; returns name → saved SAE folder (under ``config.out``;
     with several hooks the names, and folders, are ``<hook>/<sweep name>``).
-    ``FolderInUseError`` while another run trains into ``config.out``."""
+    ``FolderInUseError`` while another run trains into ``config.out``. ``model``: a loaded
+    model to train on the fly with (else ``config.model`` is loaded when needed)."""
     device = default_device(config.device)
     ranks = Distributed.from_environment(device)
     if not config.out:
@@ -306,37 +348,38 @@ def train(config: TrainConfig) -> dict[str, Path]:
         if not ranks.all_true(refused is None, device):
             raise refused or FolderInUseError(f"{config.out} is in use by another saekit "
                                               "train: rank 0 could not lock it.")
-        return _train(config, device, ranks)
+        return _train(config, device, ranks, model)
 
 
-def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dict[str, Path]:
+def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
+           ) -> dict[str, Path]:
     if config.batch_size % ranks.world:
         raise TrainingError(f"batch_size {config.batch_size} must divide evenly over "
                             f"{ranks.world} processes.")
-    cache, stream, holdout = open_stream(config)
+    cache, stream, holdout = open_stream(config, device, ranks, model)
     out = Path(config.out)
     runs = hook_runs(config, cache, stream, device)
     checkpoint = load_checkpoint(out, config)
+    start = checkpoint["step"] if checkpoint else 0
+    batches = stream.batches(start_batch=start)
     if checkpoint:
-        start = checkpoint["step"]
         torch.set_rng_state(checkpoint["rng"])
         for run in runs:
             run.restore(checkpoint["runs"][run.name])
     else:
-        start = 0
         torch.manual_seed(config.seed)
-        first = stream.batches()
-        sample = torch.cat([next_batch(first, 0) for _ in range(max(1, 16384 // config.batch_size))])
-        parts = stream.per_hook(sample.to(device))
+        # initialise from the first batches, then train on them too (read once)
+        first = [next_batch(batches, 0) for _ in range(max(1, 16384 // config.batch_size))]
+        parts = stream.per_hook(torch.cat(first).to(device))
         for run in runs:
             run.sae.init_from_data(*run.sae.split_pair(parts[run.part]))
+        batches = itertools.chain(first, batches)
     writer = MetricsWriter(out, runs, start, config, learning_rate) if ranks.rank == 0 else None
     local = slice(ranks.rank * config.batch_size // ranks.world,
                   (ranks.rank + 1) * config.batch_size // ranks.world)
     progress = tqdm(total=config.steps * config.batch_size, initial=start * config.batch_size,
                     unit="tok", unit_scale=True, desc=f"train {len(runs)} SAE(s)",
                     disable=ranks.rank != 0)
-    batches = stream.batches(start_batch=start)
     for step in range(start, config.steps):
         parts = stream.per_hook(next_batch(batches, step)[local].to(device))
         logs = {run.name: train_step(run, parts[run.part], config, step, ranks) for run in runs}
@@ -351,6 +394,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
     if ranks.rank == 0:
         check_finite_parameters(runs, config.steps)
         save_checkpoint(out, config, config.steps, runs)
+        if isinstance(cache, ModelActivations) and cache.world > 1:
+            cache = replace(cache, rank=0, world=1, _last=None)  # rank 0 evaluates alone
         held_out = [ActivationStream(cache, config.batch_size, hook, shards=holdout,
                                      target_hook=stream.target_hook) if holdout else None
                     for hook in stream.hooks]
@@ -360,14 +405,14 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed) -> dic
     return saved
 
 
-def hook_runs(config: TrainConfig, cache: ActivationCache, stream: ActivationStream,
-              device: torch.device) -> list[Run]:
+def hook_runs(config: TrainConfig, cache: ActivationCache | ModelActivations,
+              stream: ActivationStream, device: torch.device) -> list[Run]:
     """The runs of every SAE of the sweep at each of ``stream.hooks``; with several hooks a
     run's name (and folder) is ``<hook>/<sweep name>``."""
     runs = []
     for part, hook in enumerate(stream.hooks):
-        metadata = SAEMetadata(model_name=cache.manifest.model, hook_name=hook,
-                               context_size=cache.context, dataset_path=str(cache.folder),
+        metadata = SAEMetadata(model_name=cache.model_name, hook_name=hook,
+                               context_size=cache.context, dataset_path=cache.source,
                                hook_name_out=stream.target_hook)
         prefix = f"{hook}/" if len(stream.hooks) > 1 else ""
         runs += make_runs(sweep_configs(config, cache.d_model, metadata), config, device,

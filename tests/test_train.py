@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from kill import kill_at_first_checkpoint
 from safetensors.torch import load_file, save_file
 
 from saekit import CaptureConfig, capture_activations
@@ -68,15 +67,7 @@ def test_killed_training_resumes_to_identical_weights(train_cache, tmp_path):
     killed = tmp_path / "killed"
     tokens = 64 * 3000
     command = [sys.executable, "-m", "saekit", *_train_args(train_cache, killed, tokens)]
-    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (killed / "checkpoint.pt").exists() and proc.poll() is None \
-            and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step = torch.load(killed / "checkpoint.pt", weights_only=True)["step"]
+    step = kill_at_first_checkpoint(command, killed, ENV, timeout=300)
     assert 0 < step < 3000, "training was not killed mid-run"
     assert not (killed / "topk_w512_k16" / "sae_weights.safetensors").exists()
 
