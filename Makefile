@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.saekit-installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: demo test test-all bench bench-saelens venv clean-venv
+.PHONY: demo test test-all bench bench-saelens gpu-bench gpu-bench-prep venv clean-venv
 
 venv: $(STAMP)
 
@@ -50,6 +50,14 @@ bench-saelens: $(STAMP) $(SAELENS_STAMP)
 	HF_HUB_OFFLINE=1 $(SAELENS_VENV)/bin/python benchmarks/train_saelens.py \
 		--activations $(BENCH_ACTIVATIONS) --tokens $(BENCH_TOKENS) \
 		--json out/bench-train-saelens.json --compare out/bench-train.json
+
+# benchmarks/gpu.sh on a CUDA machine (no internet needed there); gpu-bench-prep downloads, where
+# PyPI is reachable, the wheels it builds its venvs from there (into .whl/, carried along)
+gpu-bench:
+	bash benchmarks/gpu.sh
+
+gpu-bench-prep: $(STAMP) $(SAELENS_STAMP)
+	bash benchmarks/gpu.sh --prep
 
 clean-venv:
 	rm -rf $(VENV)

@@ -42,6 +42,8 @@ from saekit.corpus import load_corpus, pack_token_rows
 def tokens_per_second(run, n_tokens: int) -> float:
     start = time.perf_counter()
     run()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return n_tokens / (time.perf_counter() - start)
 
 
@@ -53,7 +55,7 @@ def bare_truncated_forward(hf_model, rows: torch.Tensor, n_layers: int, batch_ro
     decoder.layers = all_layers[:n_layers]
     try:
         for start in range(0, len(rows), batch_rows):
-            decoder(rows[start:start + batch_rows])
+            decoder(rows[start:start + batch_rows].to(hf_model.device))
     finally:
         decoder.layers = all_layers
 
@@ -61,13 +63,15 @@ def bare_truncated_forward(hf_model, rows: torch.Tensor, n_layers: int, batch_ro
 @torch.inference_mode()
 def full_run_with_cache(model, rows: torch.Tensor, batch_rows: int) -> None:
     for start in range(0, len(rows), batch_rows):
-        model.run_with_cache(rows[start:start + batch_rows])
+        model.run_with_cache(rows[start:start + batch_rows].to(model.cfg.device))
 
 
-def peak_rss_of_capture(tokens: int, hook: str, out: Path, model_dtype: str) -> float:
+def peak_rss_of_capture(tokens: int, hook: str, out: Path, model_dtype: str,
+                        device: str | None) -> float:
     """GiB of peak resident memory of ``saekit cache`` capturing ``tokens`` tokens."""
     subprocess.run([sys.executable, "-m", "saekit", "cache", "--hook", hook, "--tokens",
-                    str(tokens), "--model-dtype", model_dtype, "--out", str(out)], check=True)
+                    str(tokens), "--model-dtype", model_dtype, "--out", str(out),
+                    *(["--device", device] if device else [])], check=True)
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
@@ -80,12 +84,14 @@ def main() -> None:
     parser.add_argument("--hook", default="blocks.6.hook_resid_post")
     parser.add_argument("--model-dtype", choices=sorted(MODEL_DTYPES), default="float32",
                         help="dtype of saekit's capture forward")
+    parser.add_argument("--device", help="cpu, cuda, ... (default: the best available)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    model = load_model()
+    model = load_model(device=args.device)
     low = args.model_dtype != "float32"
-    capture_model = load_model(dtype=MODEL_DTYPES[args.model_dtype]) if low else model
+    capture_model = load_model(device=args.device, dtype=MODEL_DTYPES[args.model_dtype]) \
+        if low else model
     config = CaptureConfig(hooks=[args.hook], tokens=args.tokens, model_dtype=args.model_dtype)
     n_blocks = hook_layer(args.hook) + 1
 
@@ -115,7 +121,7 @@ def main() -> None:
     full_tps = tokens_per_second(lambda: full_run_with_cache(model, full_rows, config.batch_rows),
                                  full_rows.numel())
     figures = {
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": str(model.cfg.device),
         "model_dtype": args.model_dtype,
         "tokens_timed": args.tokens,
         "saekit_capture_tokens_per_s": round(saekit_tps),
@@ -133,7 +139,7 @@ def main() -> None:
     if args.rss_tokens:
         with tempfile.TemporaryDirectory() as tmp:
             rss = peak_rss_of_capture(args.rss_tokens, args.hook, Path(tmp) / "rss",
-                                      args.model_dtype)
+                                      args.model_dtype, args.device)
         figures[f"peak_rss_gib_capturing_{args.rss_tokens}_tokens"] = round(rss, 2)
         print(f"{'peak RSS (GiB), ' + str(args.rss_tokens) + ' tokens':40s} {rss:.2f}")
     if args.json:

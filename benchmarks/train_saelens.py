@@ -38,70 +38,8 @@ import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
-from safetensors import safe_open
-from safetensors.torch import load_file
+from cache_reader import Cache, held_out_fvu
 from topk_bench_flags import add_topk_bench_flags
-
-HOLDOUT_TOKENS = 65_536  # saekit TrainConfig.holdout_tokens
-BUFFER_TOKENS = 1 << 18  # saekit TrainConfig.buffer_tokens: tokens shuffled together
-
-
-class Cache:
-    """A saekit activation cache read directly: manifest.json, tokens.safetensors, shards."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = Path(folder)
-        self.manifest = json.loads((self.folder / "manifest.json").read_text())
-        (self.hook,) = self.manifest["hooks"]
-        tokens = load_file(self.folder / self.manifest["tokens_file"])["tokens"]
-        self.keep = tokens.flatten() != self.manifest["bos_token_id"]  # non-BOS positions
-        shards = self.manifest["shards"]
-        held, n = 0, 0
-        while held < HOLDOUT_TOKENS and n < len(shards) - 1:
-            start, end = shards[-1 - n]["rows"]
-            held, n = held + (end - start) * self.manifest["context"], n + 1
-        self.train_shards = list(range(len(shards) - n))
-        self.holdout_shards = list(range(len(shards) - n, len(shards)))
-
-    def load(self, index: int) -> torch.Tensor:
-        """Non-BOS activations of one shard, [tokens, d_model] fp32."""
-        entry = self.manifest["shards"][index]
-        with safe_open(self.folder / entry["file"], framework="pt") as shard:
-            acts = shard.get_tensor(self.hook).reshape(-1, self.manifest["d_model"])
-        context = self.manifest["context"]
-        keep = self.keep[entry["rows"][0] * context:entry["rows"][1] * context]
-        return acts[keep].float()
-
-    def batches(self, batch_size: int, seed: int = 0):
-        """Shuffled batches forever: shards in a random order, groups of them shuffled together."""
-        generator = torch.Generator().manual_seed(seed)
-        context = self.manifest["context"]
-        per_shard = max(int(self.keep[s * context:e * context].sum())
-                        for s, e in (self.manifest["shards"][i]["rows"] for i in self.train_shards))
-        per_group = max(1, BUFFER_TOKENS // per_shard)
-        while True:
-            order = [self.train_shards[i] for i in
-                     torch.randperm(len(self.train_shards), generator=generator).tolist()]
-            for i in range(0, len(order), per_group):
-                acts = torch.cat([self.load(s) for s in order[i:i + per_group]])
-                acts = acts[torch.randperm(len(acts), generator=generator)]
-                for b in range(len(acts) // batch_size):
-                    yield acts[b * batch_size:(b + 1) * batch_size]
-
-
-@torch.no_grad()
-def held_out_fvu(sae: TopKTrainingSAE, cache: Cache, chunk: int = 4096) -> float:
-    sae.eval()
-    n, sum_x, sum_sq_x, sum_err = 0, 0.0, 0.0, 0.0
-    for index in cache.holdout_shards:
-        for x in cache.load(index).split(chunk):
-            x_hat = sae(x)
-            sum_x = sum_x + x.double().sum(0)
-            sum_sq_x += float(x.double().pow(2).sum())
-            sum_err += float((x - x_hat).double().pow(2).sum())
-            n += len(x)
-    return sum_err / (sum_sq_x - float(sum_x.pow(2).sum()) / n)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -109,6 +47,9 @@ def main() -> None:
     parser.add_argument("--dead-tokens", type=int, default=50_000)
     parser.add_argument("--zero-b-dec", action="store_true",
                         help="keep SAELens's zero b_dec init instead of the sample mean")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    parser.add_argument("--autocast", action="store_true",
+                        help="SAELens's bf16 autocast of the training forward (CUDA)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--compare", type=Path, help="JSON from benchmarks/train.py --json")
     args = parser.parse_args()
@@ -119,7 +60,7 @@ def main() -> None:
     warm_up = int(0.05 * steps)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(
         d_in=int(cache.manifest["d_model"]), d_sae=args.latents, k=args.k, dtype="float32",
-        device="cpu", normalize_activations="expected_average_only_in"))
+        device=args.device, normalize_activations="expected_average_only_in"))
     batches = cache.batches(args.batch_size)
     sample = [next(batches) for _ in range(max(1, 16_384 // args.batch_size))]
     trainer = SAETrainer(
@@ -127,14 +68,18 @@ def main() -> None:
             total_training_samples=steps * args.batch_size,
             train_batch_size_samples=args.batch_size, lr=args.lr, lr_end=args.lr,
             lr_warm_up_steps=warm_up if warm_up > 1 else 0, lr_decay_steps=int(0.2 * steps),
-            dead_feature_window=args.dead_tokens // args.batch_size, device="cpu"),
+            dead_feature_window=args.dead_tokens // args.batch_size, device=args.device,
+            autocast=args.autocast),
         sae, data_provider=itertools.chain(sample, batches))  # trains on the sample too
     trainer.activation_scaler.estimate_scaling_factor(sae.cfg.d_in, iter(sample), len(sample))
     if not args.zero_b_dec:
-        sae.b_dec.data = torch.cat(sample).mean(0) * trainer.activation_scaler.scaling_factor
+        mean = torch.cat(sample).mean(0) * trainer.activation_scaler.scaling_factor
+        sae.b_dec.data = mean.to(args.device)
 
     start = time.perf_counter()
     trainer.fit()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
     rate = steps * args.batch_size / (time.perf_counter() - start)
     figures = {
         "sae_lens_version": sae_lens.__version__,
@@ -142,8 +87,9 @@ def main() -> None:
         "d_in": sae.cfg.d_in, "latents": args.latents, "k": args.k,
         "batch_size": args.batch_size, "tokens": steps * args.batch_size,
         "b_dec_init": "zero" if args.zero_b_dec else "mean",
+        "device": args.device, "autocast": args.autocast,
         "saelens_topk_tokens_per_s": round(rate),
-        "saelens_held_out_fvu": round(held_out_fvu(sae, cache), 4),
+        "saelens_held_out_fvu": round(held_out_fvu(sae.eval(), cache, args.device), 4),
     }
     if args.compare:
         other = json.loads(args.compare.read_text())
