@@ -30,7 +30,8 @@ from saekit.errors import CacheMismatchError, SaekitError
 from saekit.model import check_hooks, resolve_model_path
 
 HIST_EDGES = torch.logspace(-4, 5, 91)  # [bins + 1] activation bin edges (log-spaced)
-CHUNK_ELEMENTS = 1 << 24  # activations held at once: [tokens, n_features]
+CHUNK_ELEMENTS = 1 << 24  # activations per block (random sample keys are drawn per block)
+CHUNK_BLOCKS = 4  # blocks encoded and merged at once (fewer per-chunk merges; same results)
 
 
 class FeatureIndexError(SaekitError, IndexError):
@@ -210,8 +211,9 @@ def _chunks(sae, source, ids: Tensor, max_rows: int | None) -> Iterator[tuple[in
             yield i * source.batch_rows, acts
         return
     hook = sae_hook(sae, source)
-    rows_per_chunk = max(1, CHUNK_ELEMENTS // (source.context * max(len(ids), sae.d_sae // 4)))
+    rows_per_chunk = _block_rows(sae, source, len(ids)) * CHUNK_BLOCKS
     limit = max_rows if max_rows is not None else source.manifest.n_rows
+    every = torch.equal(ids.cpu(), torch.arange(sae.d_sae))  # all features: no copy
     for shard in range(source.n_shards):
         start, _ = source.shard_rows(shard)
         if start >= limit:
@@ -219,7 +221,22 @@ def _chunks(sae, source, ids: Tensor, max_rows: int | None) -> Iterator[tuple[in
         x = source.load_shard(shard, hook)[:limit - start]
         for sub in range(0, len(x), rows_per_chunk):
             acts = sae.encode(x[sub:sub + rows_per_chunk].to(device, sae.W_dec.dtype))
-            yield start + sub, acts[..., ids.to(device)].float()
+            yield start + sub, (acts if every else acts[..., ids.to(device)]).float()
+
+
+def _block_rows(sae, source, n: int) -> int:
+    """Rows per block of ``n`` features: a chunk of ``_chunks`` is whole blocks (but the
+    last of a shard), and ``scan_features`` draws its random keys block by block, so its
+    result does not depend on ``CHUNK_BLOCKS``."""
+    if isinstance(source, ModelSource):
+        return source.batch_rows
+    return max(1, CHUNK_ELEMENTS // (source.context * max(n, sae.d_sae // 4)))
+
+
+def _spans(rows: int, block_rows: int, context: int) -> list[tuple[int, int]]:
+    """``(start, end)`` token spans of the blocks of a chunk of ``rows`` rows."""
+    step = block_rows * context
+    return [(a, min(a + step, rows * context)) for a in range(0, rows * context, step)]
 
 
 def _source_tokens(source, max_rows: int | None) -> tuple[Tensor, int]:
@@ -248,12 +265,11 @@ def _windows(flat: Tensor, index: Tensor, context: int, window: tuple[int, int])
     """Activations ``[n, m, w]`` around flat positions ``index`` ``[n, m]`` of ``flat``
     ``[n, rows * context]``, within each row (0 outside it)."""
     before, after = window
-    offsets = torch.arange(-before, after + 1, device=flat.device)
-    position = index % context
-    inside = (position[..., None] + offsets >= 0) & (position[..., None] + offsets < context)
-    where = (index[..., None] + offsets).clamp(0, flat.shape[1] - 1)
-    values = flat.gather(1, where.flatten(1)).view(*where.shape)
-    return values * inside
+    width = context + before + after  # each row padded with zeros on both sides
+    padded = torch.nn.functional.pad(flat.view(len(flat), -1, context), (before, after))
+    start = index // context * width + index % context  # the window's first slot, padded
+    where = start[..., None] + torch.arange(before + after + 1, device=flat.device)
+    return padded.view(len(flat), -1).gather(1, where.flatten(1)).view(*where.shape)
 
 
 @dataclass
@@ -328,16 +344,19 @@ def scan_features(sae, source, features=None, n_examples: int = 20, n_samples: i
     top = KeptEntries.empty(n_examples, n, width, device)
     sample = KeptEntries.empty(n_samples, n, width, device)
     stats = RunningStatistics.zeros(n, device)
+    block_rows = _block_rows(sae, source, n)
     for row, acts in _chunks(sae, source, ids, max_rows):
         usable = (tokens[row:row + len(acts)] != bos).flatten().to(device)  # [T]
         flat = (acts.reshape(-1, n) * usable[:, None]).T.contiguous()  # [n, T], BOS -> 0
-        base = row * context
-        stats.add(flat, usable)
+        base, spans = row * context, _spans(len(acts), block_rows, context)
+        for a, b in spans:
+            stats.add(flat[:, a:b], usable[a:b])
         if n_examples:
             v, i = flat.masked_fill(~usable, -1.0).topk(min(n_examples, flat.shape[1]), dim=1)
             top.add(v, v, i + base, _windows(flat, i, context, window))
         if n_samples:
-            keys = torch.rand(flat.shape, generator=generator, device=device)
+            keys = torch.cat([torch.rand(n, b - a, generator=generator, device=device)
+                              for a, b in spans], 1)
             k, i = keys.masked_fill(flat <= 0, -1).topk(min(n_samples, flat.shape[1]), dim=1)
             sample.add(k, flat.gather(1, i), i + base, _windows(flat, i, context, window))
     return FeatureScan(

@@ -24,8 +24,9 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TypeVar
@@ -103,7 +104,14 @@ class ModelWorker:
                 with self._lock:
                     self._busy = False
 
-        return self._executor.submit(run), ticket
+        future = self._executor.submit(run)
+        future.add_done_callback(lambda _: self._forget(ticket))  # cancelled before it ran
+        return future, ticket
+
+    def _forget(self, ticket: object) -> None:
+        with self._lock:
+            if ticket in self._waiting:
+                self._waiting.remove(ticket)
 
     def run(self, job: Callable[[], T], timeout: float) -> T:
         """``job``'s result, waiting at most ``timeout`` seconds for it to start and finish."""
@@ -154,6 +162,36 @@ def stream_tokens(model, prompt: str, interventions: list, max_new_tokens: int,
         steps.close()
 
 
+class Abandoned(ServeError):
+    """A job stopped because its client left (or its time ran out)."""
+
+    def __init__(self) -> None:
+        super().__init__("The client left; its generation was stopped.", 499)
+
+
+@contextmanager
+def stopping(model, cancelled: threading.Event,
+             on_pass: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """While open, each forward pass of ``model`` on this thread (one per generated token)
+    calls ``on_pass()`` and, once ``cancelled`` is set, raises ``Abandoned`` instead of
+    running: a generation or a sweep stops at its next token. The steering hooks go as the
+    error passes ``steer``'s exit; this hook goes on exit. Other threads are not checked."""
+    owner = threading.get_ident()
+
+    def check(module, args) -> None:
+        if threading.get_ident() != owner:
+            return
+        on_pass()
+        if cancelled.is_set():
+            raise Abandoned()
+
+    handle = getattr(model, "original_model", model).register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # --- the explorer ------------------------------------------------------------------------------
 
 @dataclass
@@ -186,7 +224,8 @@ class Explorer:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.worker = ModelWorker()
         self._compute = threading.Lock()
-        self.cancelled = 0  # generations stopped because their client left
+        self.cancelled = 0  # jobs stopped early because their client left (or timed out)
+        self.forward_passes = 0  # the model's forward passes in ``guarded`` jobs
         self.scan = self._load_scan()
         self.statistics = self.scan.statistics()
         self.table = self._table()
@@ -357,15 +396,28 @@ class Explorer:
     def sweep(self, request: SweepRequest) -> dict:
         """``steer_eval.steering_curve`` of the feature at the request's values on its prompt:
         mention rate of the concept words, perplexity and KL on neutral text per value, and
-        the unsteered baseline; NaN as None. Runs on the model's thread."""
+        the unsteered baseline; NaN as None. Call it on the worker thread."""
         from saekit.steer_eval import steering_curve
 
-        def job() -> dict:
-            return steering_curve(self.model, self.sae, request.feature, request.values,
-                                  [request.prompt], request.concept, request.max_new_tokens,
-                                  request.samples, request.temperature, request.seed)
+        return finite(steering_curve(self.model, self.sae, request.feature, request.values,
+                                     [request.prompt], request.concept, request.max_new_tokens,
+                                     request.samples, request.temperature, request.seed))
 
-        return finite(self.worker.run(job, self.limits.request_timeout))
+    def guarded(self, job: Callable[[], T], cancelled: threading.Event) -> T | None:
+        """``job()`` on this (the worker's) thread, stopped at its next forward pass once
+        ``cancelled`` is set (``stopping``), and skipped if it was set while the job waited:
+        then None, counted in ``cancelled``. Counts the passes in ``forward_passes``."""
+        if not cancelled.is_set():
+            try:
+                with stopping(self.model, cancelled, self._count_pass):
+                    return job()
+            except Abandoned:
+                pass
+        self.cancelled += 1
+        return None
+
+    def _count_pass(self) -> None:
+        self.forward_passes += 1
 
     def decode(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids, skip_special_tokens=True)

@@ -3,7 +3,8 @@
 Pages: ``/features`` (``/api/features``), ``/feature/{id}`` (``/api/feature/{id}``),
 ``/search?text=...&q=...`` (``/api/search``), ``/steer`` (``POST /api/steer``: JSON, or with
 ``"stream": true`` server-sent events ``queued`` / ``token`` / ``done`` / ``error``; ``POST
-/api/sweep``: one feature's steering curve), and
+/api/sweep``: one feature's steering curve; each stops at its next token once its client
+disconnects), and
 ``/static/{serve.css,serve.js}``, held in memory: no path reaches the file system. A refused
 request gets a 4xx with the message (JSON ``{"error": ...}`` under ``/api/``, else a page).
 """
@@ -17,11 +18,11 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
 from starlette.applications import Starlette
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -38,6 +39,7 @@ from saekit.serve_requests import (Limits, ServeError, feature_query, steer_requ
 
 log = logging.getLogger("saekit.serve")
 MAX_BODY = 64 * 1024
+POLL_S = 0.2  # how often a waiting request checks that its client is still there
 
 
 def build_explorer(config: ServeConfig) -> Explorer:
@@ -181,17 +183,17 @@ def create_app(explorer: Explorer, hosts: list[str] | None = None) -> Starlette:
             return StreamingResponse(steer_events(explorer, plan, deadline),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        result = await run_in_threadpool(
-            explorer.worker.run, lambda: explorer.steer(plan, deadline=deadline),
-            explorer.limits.request_timeout)
-        return JSONResponse(result)
+        return await until_done(request, explorer,
+                                lambda: explorer.steer(plan, deadline=deadline), deadline)
 
     async def sweep(request: Request) -> Response:
         plan = sweep_request(await read_json(request), explorer.limits, explorer.sae.d_sae)
-        return JSONResponse(await run_in_threadpool(explorer.sweep, plan))
+        deadline = time.monotonic() + explorer.limits.request_timeout
+        return await until_done(request, explorer, lambda: explorer.sweep(plan), deadline)
 
     def status(request: Request) -> Response:
         return JSONResponse({"queued": explorer.worker.queued, "cancelled": explorer.cancelled,
+                             "forward_passes": explorer.forward_passes,
                              "d_sae": explorer.sae.d_sae, "hook": explorer.hook,
                              "limits": explorer.limits.__dict__})
 
@@ -216,6 +218,43 @@ def create_app(explorer: Explorer, hosts: list[str] | None = None) -> Starlette:
                     middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=allowed)])
     app.state.explorer = explorer
     return app
+
+
+async def until_done(request: Request, explorer: Explorer, job: Callable[[], dict],
+                     deadline: float) -> Response:
+    """``job()``'s JSON, run in turn on the model's thread (``Explorer.guarded``). Every
+    ``POLL_S`` while it waits or runs, the client is checked: when it has left, or past
+    ``deadline`` (``time.monotonic()``), the job stops at its next token (or is skipped when
+    its turn comes), so an abandoned request neither runs on nor holds up the queue."""
+    loop = asyncio.get_running_loop()
+    finished = asyncio.Event()
+    cancelled = threading.Event()
+    future, _ = explorer.worker.submit(lambda: explorer.guarded(job, cancelled))
+    future.add_done_callback(lambda _: call_soon(loop, finished.set))
+    try:
+        while not future.done():
+            try:
+                await asyncio.wait_for(finished.wait(), POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return JSONResponse({"error": "The client left."}, 499)
+                if time.monotonic() > deadline:
+                    raise ServeError(f"The request ran past --request-timeout "
+                                     f"({explorer.limits.request_timeout:g} s); try again.", 504)
+    finally:
+        cancelled.set()  # a no-op once the job is done
+    result = future.result()
+    if result is None:
+        return JSONResponse({"error": "The request was stopped."}, 499)
+    return JSONResponse(result)
+
+
+def call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+    """``callback()`` on ``loop`` from another thread; nothing once the loop has closed."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass
 
 
 def event(data: dict) -> str:
@@ -251,13 +290,11 @@ async def steer_events(explorer: Explorer, plan, deadline: float):
             cancelled.set()
 
     def job() -> dict | None:
-        if cancelled.is_set():
-            return None
         if time.monotonic() > deadline:
             raise ServeError("The request waited past --request-timeout; try again.", 504)
         return explorer.steer(plan, emit, cancelled, deadline)
 
-    future, ticket = explorer.worker.submit(job)
+    future, ticket = explorer.worker.submit(lambda: explorer.guarded(job, cancelled))
     future.add_done_callback(lambda f: emit(outcome(f)))
     try:
         position = explorer.worker.position(ticket)

@@ -105,6 +105,34 @@ def test_statistics_and_quantiles(sae, cache, model):
                                                          abs=1e-5)
 
 
+def untied(keys: torch.Tensor) -> torch.Tensor:
+    """Kept entries whose key is positive and unique in its row and not the row's last (equal
+    activations, e.g. after the same first token, may be kept in either order)."""
+    unique = (keys[:, :, None] == keys[:, None, :]).sum(-1) == 1
+    return unique & (keys > 0) & (keys != keys[:, -1:])
+
+
+def test_scan_does_not_depend_on_blocks_per_chunk(sae, cache, monkeypatch):
+    """Blocks of 3 rows in shards of 8: chunks of 1 block, and of up to 4 (cut at each shard's
+    end), give the same statistics, the same random sample and the same examples."""
+    monkeypatch.setattr(A, "CHUNK_ELEMENTS", 3 * cache.context * sae.d_sae)
+    scans = []
+    for blocks in (1, 4):
+        monkeypatch.setattr(A, "CHUNK_BLOCKS", blocks)
+        scans.append(A.scan_features(sae, cache, None, n_examples=6, n_samples=10,
+                                     window=(5, 3), max_rows=30))
+    one, four = scans
+    for name in ("fire_count", "act_sum", "max_activation", "histogram", "top_values",
+                 "sample_keys"):
+        assert torch.equal(getattr(one, name), getattr(four, name)), name
+    for kind, keys in (("top", one.top_values), ("sample", one.sample_keys)):
+        mask = untied(keys)
+        assert mask.sum() > 0.8 * (keys > 0).sum()
+        for name in ("index", "window", "values"):
+            assert torch.equal(getattr(one, f"{kind}_{name}")[mask],
+                               getattr(four, f"{kind}_{name}")[mask]), (kind, name)
+
+
 def test_logit_lens_matches_hf_forward(sae, model):
     feature = 42
     promoted, suppressed = D.logit_lens(model, sae, feature, k=5)

@@ -277,6 +277,47 @@ def test_an_abandoned_generation_stops(url, explorer):
     assert stopped < time.perf_counter() - full, "the abandoned generation ran on"
 
 
+@pytest.mark.parametrize("path, body, passes", [
+    # a sweep of 8 values, 4 samples each (36 rows): 10 neutral texts, 48 tokens, 1 + 10 scored
+    ("/api/sweep", {**STEER, "max_new_tokens": 48, "feature": FISH, "concept": "fish*",
+                    "values": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], "samples": 4}, 69),
+    # a steer, not streamed: 48 tokens unsteered, then 48 steered
+    ("/api/steer", {**STEER, "max_new_tokens": 48, "temperature": 0,
+                    "edits": [{"feature": FISH, "value": 6.0}]}, 96),
+])
+def test_an_abandoned_sweep_or_json_steer_stops(url, explorer, model, path, body, passes):
+    """The client gives up after a second and closes its connection: the job stops
+    within a few tokens, well short of the forward passes it needed, the queue empties, and
+    the next request is served unsteered (no hook left on the shared model)."""
+    wait_idle(explorer)
+    before = get(url, "/api/status").json()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + path, json=body, timeout=httpx.Timeout(60, read=1.0))
+    wait_idle(explorer, timeout=30)
+    status = get(url, "/api/status").json()
+    assert status["cancelled"] == before["cancelled"] + 1 and status["queued"] == 0
+    ran = status["forward_passes"] - before["forward_passes"]
+    assert 0 < ran < passes / 2, f"the abandoned job ran {ran} of its {passes} passes"
+    time.sleep(0.5)
+    assert get(url, "/api/status").json()["forward_passes"] == status["forward_passes"]
+    common = {k: STEER[k] for k in ("max_new_tokens", "temperature", "seed")}
+    assert steer_json(url, edits=[]).json()["unsteered"] == saekit.generate(
+        model, STEER["prompt"], **common)
+
+
+def test_a_job_cancelled_while_it_waits_leaves_the_queue():
+    from saekit.serve import ModelWorker
+
+    worker, gate = ModelWorker(), threading.Event()
+    running, _ = worker.submit(gate.wait)
+    waiting, ticket = worker.submit(lambda: 1)
+    assert worker.position(ticket) == 1 and waiting.cancel()
+    assert worker.position(ticket) is None and worker.queued == 0
+    gate.set()
+    assert running.result(10) and not worker.queued
+    worker.shutdown()
+
+
 def test_a_sweep_measures_the_steering_curve(url):
     body = {**STEER, "max_new_tokens": 6, "feature": FISH, "values": [2.0, 6.0],
             "concept": "fish*", "samples": 2}
