@@ -30,23 +30,24 @@ from saekit.sae import TopKSAE, sae_config
 from saekit.train import TrainConfig, open_stream, train
 
 
-def plain_topk_loop(stream, steps: int, d_sae: int, k: int, lr: float, seed: int) -> tuple[TopKSAE, float]:
+def plain_topk_loop(stream, steps: int, d_sae: int, k: int, lr: float, seed: int,
+                    device: str = "cpu") -> tuple[TopKSAE, float]:
     """The baseline: returns the trained weights (as a TopKSAE, for evaluation) and tokens/s."""
     torch.manual_seed(seed)
     batches = stream.batches()
-    first = next(batches)
+    first = next(batches).to(device)
     d_in = first.shape[1]
     scale = (d_in / first.pow(2).sum(-1).mean()).sqrt()
-    W_dec = torch.randn(d_sae, d_in)
+    W_dec = torch.randn(d_sae, d_in).to(device)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     W_dec = W_dec.requires_grad_()
     W_enc = W_dec.detach().t().clone().requires_grad_()
-    b_enc = torch.zeros(d_sae, requires_grad=True)
+    b_enc = torch.zeros(d_sae, device=device, requires_grad=True)
     b_dec = (first * scale).mean(0).requires_grad_()
     optimizer = torch.optim.Adam([W_enc, b_enc, W_dec, b_dec], lr=lr)
     start = time.perf_counter()
     for step in range(steps):
-        x = (first if step == 0 else next(batches)) * scale
+        x = (first if step == 0 else next(batches).to(device)) * scale
         pre = (x - b_dec) @ W_enc + b_enc
         values, indices = pre.topk(k, dim=-1)
         x_hat = F.embedding_bag(indices, W_dec, per_sample_weights=values.relu(),
@@ -57,6 +58,8 @@ def plain_topk_loop(stream, steps: int, d_sae: int, k: int, lr: float, seed: int
         optimizer.step()
         with torch.no_grad():
             W_dec /= W_dec.norm(dim=1, keepdim=True)
+    if W_dec.is_cuda:
+        torch.cuda.synchronize()
     rate = steps * len(first) / (time.perf_counter() - start)
     sae = TopKSAE(sae_config("topk", d_in, d_sae, k=k, activation_scale=float(scale),
                              normalize_activations="expected_average_only_in"))
@@ -87,11 +90,12 @@ def time_saekit(config: TrainConfig) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_topk_bench_flags(parser)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (both loops)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
     config = TrainConfig(activations=args.activations, latents=[args.latents],
-                         options={"k": [args.k]},
+                         options={"k": [args.k]}, device=args.device,
                          batch_size=args.batch_size, tokens=args.tokens, lr=args.lr,
                          checkpoint_every=10**9, log_every=1)
     saekit_rate, saekit_fvu = time_saekit(config)
@@ -100,11 +104,11 @@ def main() -> None:
                                                       lr_decay_fraction=0.0))
     _, stream, holdout = open_stream(config)
     plain, plain_rate = plain_topk_loop(stream, config.steps, args.latents, args.k, args.lr,
-                                        config.seed)
+                                        config.seed, args.device)
     held_out = type(stream)(stream.cache, args.batch_size, stream.hook, shards=holdout)
     plain_fvu = reconstruction_metrics(plain, held_out.in_order())["fvu"]
     figures = {
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": args.device,
         "d_in": stream.cache.d_model, "latents": args.latents, "k": args.k,
         "batch_size": args.batch_size, "tokens": config.steps * args.batch_size,
         "saekit_topk_tokens_per_s": round(saekit_rate),

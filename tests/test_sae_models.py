@@ -13,8 +13,8 @@ from saekit.errors import SAEConfigError, SAEInputError, SaekitError
 from saekit.sae import (ARCHITECTURES, SAE, BatchTopKSAE, JumpReLUSAE, MatryoshkaSAE, ReLUSAE,
                         SAEConfig,
                         TopKSAE, load_sae, sae_config)
-from saekit.sae.kernels import (encoder_preacts, gather_preacts, masked_row_topk, row_topk,
-                                sparse_decode)
+from saekit.sae.kernels import (encoder_preacts, gather_preacts, masked_row_topk,
+                                positive_masked_topk, row_topk, sparse_decode)
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
 TOPK_LIKE = ("topk", "batchtopk", "matryoshka")
@@ -144,6 +144,21 @@ def test_masked_row_topk_positive_only_drops_exactly_the_non_positive_entries():
     assert 0 < int(positive.sum()) < rows.numel()  # the case is non-trivial
     assert torch.equal(kept_rows, rows[positive]) and torch.equal(kept_cols, cols[positive])
     assert bool(allowed[kept_cols].all()) and bool((kept_rows.diff() >= 0).all())
+
+
+@pytest.mark.parametrize("k", [1, 3, 6, 25])
+def test_positive_masked_topk_keeps_masked_row_topks_positive_entries(k):
+    """AuxK's selection: the same entries as masked_row_topk(positive_only=True), in column order,
+    with rows holding more positive allowed entries than k (top-k'd) and fewer (kept whole)."""
+    torch.manual_seed(0)
+    pre = torch.randn(12, 40, dtype=torch.float64) + torch.linspace(-2, 2, 12)[:, None]
+    allowed = torch.arange(40) % 5 != 0
+    rows, cols = masked_row_topk(pre, allowed, k, positive_only=True)
+    kept_rows, kept_cols = positive_masked_topk(pre, allowed, k)
+    assert sorted(zip(rows.tolist(), cols.tolist())) == list(zip(kept_rows.tolist(),
+                                                                kept_cols.tolist()))
+    none_rows, _ = positive_masked_topk(pre, torch.zeros(40, dtype=torch.bool), k)
+    assert none_rows.numel() == 0
 
 
 def test_sparse_decode_gradcheck_with_uneven_rows():

@@ -62,6 +62,10 @@ def _transpose_spmm(rows: Tensor, cols: Tensor, vals: Tensor, dense: Tensor, n_c
     order = torch.argsort(cols)
     counts = torch.bincount(cols, minlength=n_cols)
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    if dense.device.type == "cpu":  # a bag per column: embedding_bag beats MKL's CSR matmul
+        return F.embedding_bag(rows[order], dense.to(compute).contiguous(), crow, mode="sum",
+                               per_sample_weights=vals[order].to(compute),
+                               include_last_offset=True).to(dense.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
         G_t = torch.sparse_csr_tensor(crow, rows[order], vals[order].to(compute),
@@ -107,6 +111,26 @@ def masked_row_topk(pre: Tensor, allowed: Tensor, k: int,
         keep = values.flatten() > 0
         rows, cols = rows[keep], cols[keep]
     return rows, cols
+
+
+def positive_masked_topk(pre: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``masked_row_topk(pre, allowed, k, positive_only=True)``'s entries, each row's in column
+    order: the positive entries among each row's ``k`` largest in the ``allowed`` columns.
+
+    A row with at most ``k`` positive allowed entries keeps them all, so only rows with more need
+    a top-k. Cost: a few elementwise passes over the allowed block ``pre[:, allowed]``
+    [batch, n_allowed], a top-k over the crowded rows only, and at most ``batch * k`` entries out.
+    """
+    candidates = allowed.nonzero().squeeze(1)
+    block = pre.index_select(1, candidates)
+    keep = block > 0
+    if k < candidates.numel():
+        crowded = (keep.count_nonzero(1) > k).nonzero().squeeze(1)
+        if crowded.numel():  # their k largest are all positive: keep exactly those
+            top = block.index_select(0, crowded).topk(k, dim=-1, sorted=False).indices
+            keep[crowded] = torch.zeros_like(keep[crowded]).scatter_(1, top, True)
+    rows, local = keep.nonzero().unbind(1)
+    return rows, candidates[local]
 
 
 def batch_topk(pre: Tensor, k: int, batch_sum: BatchSum | None = None) -> tuple[Tensor, Tensor]:

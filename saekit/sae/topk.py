@@ -27,8 +27,8 @@ from saekit.config import check_fields, setting
 from saekit.errors import SAEConfigError
 from saekit.sae.base import SAE, SAEConfig, TrainStep
 from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_latents,
-                                gather_preacts, masked_row_topk, reconstruction_losses, row_topk,
-                                sparse_decode, total_variance)
+                                gather_preacts, positive_masked_topk, reconstruction_losses,
+                                row_topk, sparse_decode, total_variance)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class TopKSAE(SAE):
         aux_rows, aux_cols = self._aux_positions(pre, dead_mask)
         vals = gather_preacts(pre, x, b_dec_in, self.W_enc, self.b_enc,
                               torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])).relu()
-        vals, aux_vals = vals[:rows.numel()], vals[rows.numel():]
+        vals, aux_vals = vals.split([rows.numel(), aux_rows.numel()])
         self._observe(vals.detach(), batch_sum)
         x_hat, losses, objective = self._reconstruct(x, target, rows, cols, vals, batch_sum)
         any_dead = dead_mask is not None and bool(dead_mask.any())
@@ -113,7 +113,7 @@ class TopKSAE(SAE):
         if dead_mask is None:
             empty = torch.empty(0, dtype=torch.long, device=pre.device)
             return empty, empty
-        return masked_row_topk(pre, dead_mask.to(pre.device), self.aux_k, positive_only=True)
+        return positive_masked_topk(pre, dead_mask.to(pre.device), self.aux_k)
 
     def _auxk_loss(self, error: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
                    any_dead: bool, batch_sum: BatchSum) -> Tensor:
