@@ -129,6 +129,8 @@ class ActivationCache:
     def shard_label(self, index: int) -> str:
         return f"Shard {self.folder / self.manifest.shards[index].file}"
 
+    nonfinite_advice = "Recapture it, e.g. with --dtype float32 if it was float16."
+
     def check_hook(self, hook: str | None) -> str:
         return pick_hook(self.hooks, hook)
 
@@ -252,7 +254,7 @@ class ActivationStream:
             raise NonFiniteActivationsError(
                 f"{self.cache.shard_label(index)} holds "
                 f"NaN or inf activations at {hook} ({int((~finite).sum())} tokens, the first at "
-                f"usable token {position}). Recapture it, e.g. with --dtype float32 if it was float16."
+                f"usable token {position}). {self.cache.nonfinite_advice}"
             )
         return acts
 
@@ -262,10 +264,24 @@ class ActivationStream:
             yield self.load_tokens(index)
 
     def _load_group(self, group: list[int], epoch: int, group_index: int) -> torch.Tensor:
-        acts = torch.cat([self.load_tokens(i) for i in group])
+        """The group's tokens ``[n, width]`` in a seeded random order: ``cat(shards)[perm]``,
+        built by placing each shard's tokens where ``perm`` sends them, so that only the
+        group and one shard are held at a time."""
+        n = sum(self._counts[i] for i in group)
         generator = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + epoch) * 100_003 + group_index)
-        return acts[torch.randperm(len(acts), generator=generator)]
+        perm = torch.randperm(n, generator=generator)
+        place = torch.empty_like(perm)
+        place[perm] = torch.arange(n)  # where the i-th token of cat(shards) goes
+        out, offset = None, 0
+        for index in group:
+            part = self.load_tokens(index)
+            if out is None:
+                out, place = part.new_empty(n, part.shape[1]), place.to(part.device)
+            out[place[offset:offset + len(part)]] = part
+            offset += len(part)
+            del part
+        return out
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return self.batches()
@@ -287,7 +303,11 @@ class ActivationStream:
                     continue
                 acts = self._load_group(group, epoch, group_index)
                 for b in range(skip, n_batches):
-                    yield acts[b * self.batch_size:(b + 1) * self.batch_size]
+                    batch = acts[b * self.batch_size:(b + 1) * self.batch_size]
+                    # the last batch is a copy, so a reader holding it does not keep the
+                    # group alive while the next one loads
+                    yield batch.clone() if b == n_batches - 1 else batch
+                del acts
                 skip = 0
             epoch += 1
 

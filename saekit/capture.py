@@ -97,7 +97,32 @@ def check_model(model, config: ModelReading, hooks: list[str]) -> int | None:
     if n_ctx and config.context > n_ctx:
         raise ConfigError(f"--context {config.context} is longer than {config.model}'s maximum "
                           f"context of {n_ctx} tokens; give --context <= {n_ctx}.")
+    check_hook_shapes(model, hooks, stop_at_layer)
     return stop_at_layer
+
+
+@torch.inference_mode()
+def check_hook_shapes(model, hooks: list[str], stop_at_layer: int | None) -> None:
+    """Raise ``ConfigError`` for a hook whose activations are not ``[batch, seq, d_model]``
+    (e.g. an MLP's hidden layer or per-head attention), found on a two-token forward."""
+    shapes = {}
+
+    def record(act: torch.Tensor, hook, name: str = "") -> torch.Tensor:
+        shapes[name] = tuple(act.shape)
+        return act
+
+    bos = model.tokenizer.bos_token_id
+    probe = torch.full((1, 2), bos, dtype=torch.long, device=next(model.parameters()).device)
+    model.run_with_hooks(probe, fwd_hooks=[(h, lambda act, hook, h=h: record(act, hook, h))
+                                           for h in hooks], stop_at_layer=stop_at_layer)
+    d_model = int(model.cfg.d_model)
+    for hook in hooks:
+        if shapes.get(hook, (1, 2, d_model)) != (1, 2, d_model):
+            raise ConfigError(
+                f"--hook {hook} gives activations shaped {list(shapes[hook])} for a [1, 2] "
+                f"input, not [batch, seq, d_model = {d_model}]: saekit captures and trains on "
+                "hooks shaped like the residual stream (blocks.N.hook_resid_pre/mid/post, "
+                "hook_attn_out, hook_mlp_out; `saekit hooks` lists the model's hooks).")
 
 
 def corpus_rows(config: ModelReading, tokenizer, n_rows: int, seed: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from saekit.directions import logit_lens
 from saekit.files import write_json
 from saekit.model import load_model
 from saekit.formats import load_foreign_sae
-from saekit.train import TrainConfig, train
+from saekit.train import READING_FIELDS, TrainConfig, train
 
 SHIPPED_SAE = Path(__file__).parent / "data" / "sae" / "gemma-3-270m-blocks.6-topk-16k"
 BENCHMARK_RESULT = Path(__file__).resolve().parent.parent / "docs" / "steering_benchmark.json"
@@ -83,7 +83,8 @@ RETRAIN_COMMAND = "saekit demo --retrain --tokens 1200000"
 def recipe(config: DemoConfig) -> dict:
     """The training settings ``--retrain`` uses, without the run's folders."""
     train_config = shipped_train_config("", "", config)
-    left_out = {"activations", "out", "device", "options"}
+    # trained from the demo's capture: the on-the-fly reading settings do not apply
+    left_out = {"activations", "out", "device", "options", *READING_FIELDS}
     if not train_config.hook_out:  # an SAE, not a transcoder: as recipes before transcoders
         left_out |= {"hook_out", "skip_connection"}
     settings = asdict(train_config)

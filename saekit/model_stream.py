@@ -70,6 +70,9 @@ class ModelActivations:
         start, end = self.shard_rows(index)
         return f"Rows {start}-{end} of {self.source} read by {self.model_name}"
 
+    nonfinite_advice = ("The model's forward gave them: try --model-dtype float32, or check "
+                        "the model's weights.")
+
     def check_hook(self, hook: str | None) -> str:
         return pick_hook(self.hooks, hook)
 

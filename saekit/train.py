@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 
 from saekit.cache import ActivationCache, ActivationStream
 from saekit.capture import ModelReading
-from saekit.config import DEVICE_HELP, check_fields, setting
+from saekit.config import DEVICE_HELP, check_fields, flag_name, setting
 from saekit.errors import ConfigError, NonFiniteActivationsError, SAEConfigError, TrainingError
 from saekit.evaluate import reconstruction_metrics
 from saekit.files import FolderInUseError, output_lock, save_torch, write_json
@@ -74,10 +76,10 @@ class TrainConfig(ModelReading):
                                         ge=0, le=1)
     lr_decay_fraction: float = setting(0.2, "fraction of steps, at the end, decaying the lr "
                                        "linearly to 0", ge=0, le=1)
-    hook: list[str] = setting([], "hook(s) of the cache to read (needed when it holds "
-                              "several); several: one SAE or sweep per hook, from the same "
-                              "batches, each in OUT/<hook>/")
-    hook_out: str | None = setting(None, "train transcoders: reconstruct this hook of the cache "
+    hook: list[str] = setting([], "hook(s) to read (from the cache: needed when it holds "
+                              "several; on the fly: always); several: one SAE or sweep per "
+                              "hook, from the same batches, each in OUT/<hook>/")
+    hook_out: str | None = setting(None, "train transcoders: reconstruct this hook "
                                    "from --hook's activations (e.g. blocks.6.hook_mlp_out)")
     skip_connection: bool = setting(False, "skip transcoders: also learn a linear map from "
                                     "--hook to --hook-out (needs --hook-out)")
@@ -85,12 +87,14 @@ class TrainConfig(ModelReading):
                               "at save)")
     dead_tokens: int = setting(50_000, "a latent idle this many tokens counts as dead (AuxK, "
                                "reports)", ge=1)
-    holdout_tokens: int = setting(65_536, "tokens of the cache's last shards kept for the "
-                                  "held-out evaluation (0: none)", ge=0)
+    holdout_tokens: int = setting(65_536, "tokens of the cache's last shards (on the fly: "
+                                  "rows read after the training rows) kept for the held-out "
+                                  "evaluation (0: none)", ge=0)
     buffer_tokens: int = setting(1 << 18, "shuffle buffer, in tokens", ge=1)
     shard_rows: int = setting(64, "on the fly: rows the model reads at a time, the unit the "
                               "buffer shuffles (a cache's shard)", ge=1)
-    seed: int = setting(0, "seed of initialisation and shuffling")
+    seed: int = setting(0, "seed of initialisation and shuffling (on the fly: also of the "
+                        "default corpus's order, as saekit cache --seed)")
     checkpoint_every: int = setting(100, "steps between checkpoints (resume after a kill)", ge=1)
     log_every: int = setting(10, "steps between metrics.jsonl lines", ge=1)
     device: str | None = setting(None, DEVICE_HELP)
@@ -101,6 +105,13 @@ class TrainConfig(ModelReading):
             self.hook = [self.hook] if self.hook else []
         check_fields(self)
         self.check_reading()
+        on_the_fly_only = [flag_name(f) for f in fields(self)
+                           if (f.name in READING_FIELDS and getattr(self, f.name) != f.default)]
+        if self.activations and on_the_fly_only:
+            raise ConfigError(f"{', '.join(on_the_fly_only)}: how the model reads the corpus "
+                              "when training on the fly; with --activations the cache's "
+                              "activations are read instead. Drop them, or drop --activations "
+                              "to train on the fly.")
         self.hook = list(dict.fromkeys(self.hook))  # a hook named twice is trained once
         unknown = sorted(set(self.arch) - set(ARCHITECTURES))
         if unknown:
@@ -139,7 +150,7 @@ class TrainConfig(ModelReading):
         checkpoint is in ``out`` itself)."""
         skip = {"device", "wandb", "log_every", "checkpoint_every", "out", "options"}
         if self.activations:  # the model-reading settings are the cache's, not the run's
-            skip |= {f.name for f in fields(ModelReading)} | {"shard_rows"}
+            skip |= READING_FIELDS
         if not self.hook_out:  # as checkpoints from before transcoders have it
             skip |= {"hook_out", "skip_connection"}
         key = {k: v for k, v in asdict(self).items() if k not in skip}
@@ -151,6 +162,10 @@ class TrainConfig(ModelReading):
                         for arch in self.arch
                         for defaults in [ARCHITECTURES[arch].config_class()]}
         return key
+
+
+# TrainConfig fields that only training on the fly reads
+READING_FIELDS = frozenset({f.name for f in fields(ModelReading)} | {"shard_rows"})
 
 
 def train_config(**settings: Any) -> TrainConfig:
@@ -287,10 +302,39 @@ def open_source(config: TrainConfig, device: torch.device | None = None,
     ranks = ranks or Distributed()
     train_rows, held_rows = rows_to_read(config.tokens, config.holdout_tokens, config.context,
                                          config.shard_rows)
+    # spare rows for the BOS between documents and the < 1 batch each shuffle group drops
+    groups = math.ceil(train_rows * config.context / config.buffer_tokens) + 1
+    spare = math.ceil(train_rows / 50) + groups * math.ceil(config.batch_size / config.context)
     hooks = [*config.hook, *([config.hook_out] if config.hook_out else [])]
-    return open_model_activations(config, hooks, train_rows + held_rows, config.seed,
-                                  config.shard_rows, device or default_device(config.device),
-                                  model, ranks.rank, ranks.world)
+    source = open_model_activations(config, hooks, train_rows + spare + held_rows, config.seed,
+                                    config.shard_rows, device or default_device(config.device),
+                                    model, ranks.rank, ranks.world)
+    return fit_training_rows(source, config, train_rows // config.shard_rows, held_rows)
+
+
+def fit_training_rows(source: ModelActivations, config: TrainConfig, n_train: int,
+                      held_rows: int) -> ModelActivations:
+    """``source`` cut to its first training shards (``n_train`` or more: as many as give
+    ``config.steps`` batches in one epoch, so the run never re-reads a row) and then
+    ``held_rows`` held-out rows."""
+    shard = config.shard_rows
+    available = (len(source.rows) - held_rows) // shard
+    if available < 1:
+        return source  # too short a corpus: open_stream says so
+
+    def epoch_batches(n: int) -> int:
+        return ActivationStream(source, config.batch_size, config.hook[0], config.seed,
+                                config.buffer_tokens, shards=list(range(n))).batches_per_epoch()
+
+    n_train = min(max(1, n_train), available)
+    while n_train < available and epoch_batches(n_train) < config.steps:
+        n_train += 1
+    if epoch_batches(n_train) < config.steps:
+        tqdm.write(f"saekit: {source.source} gives {n_train * shard} rows for training, "
+                   f"{epoch_batches(n_train) * config.batch_size:,} tokens, fewer than --tokens "
+                   f"{config.tokens:,}: training reads them more than once.")
+    source.rows = source.rows[:n_train * shard + held_rows]
+    return source
 
 
 def open_stream(config: TrainConfig, device: torch.device | None = None,
@@ -308,14 +352,14 @@ def open_stream(config: TrainConfig, device: torch.device | None = None,
         raise TrainingError(
             f"{cache.source} has {cache.n_shards} shard, so none can be held "
             f"out for evaluation (--holdout-tokens {config.holdout_tokens}): capture more tokens "
-            "or smaller shards (saekit cache --shard-rows), or pass --holdout-tokens 0 to skip "
+            "or smaller shards (--shard-rows), or pass --holdout-tokens 0 to skip "
             "the held-out evaluation.")
     train_shards = list(range(cache.n_shards - holdout))
     stream = ActivationStream(cache, config.batch_size, (config.hook or [None])[0], config.seed,
                               config.buffer_tokens, shards=train_shards,
                               target_hook=config.hook_out, extra_hooks=config.hook[1:])
     if stream.tokens_per_epoch < config.batch_size:
-        raise TrainingError(f"The cache has {stream.tokens_per_epoch} training tokens, fewer than "
+        raise TrainingError(f"{cache.source} has {stream.tokens_per_epoch} training tokens, fewer than "
                             f"one batch of {config.batch_size}.")
     return cache, stream, list(range(cache.n_shards - holdout, cache.n_shards))
 
@@ -333,7 +377,7 @@ def train(config: TrainConfig, model=None) -> dict[str, Path]:
     with several hooks the names, and folders, are ``<hook>/<sweep name>``).
     ``FolderInUseError`` while another run trains into ``config.out``. ``model``: a loaded
     model to train on the fly with (else ``config.model`` is loaded when needed)."""
-    device = default_device(config.device)
+    device = rank_device(default_device(config.device))
     ranks = Distributed.from_environment(device)
     if not config.out:
         raise TrainingError("Give an output folder: --out DIR (TrainConfig.out).")
@@ -349,6 +393,15 @@ def train(config: TrainConfig, model=None) -> dict[str, Path]:
             raise refused or FolderInUseError(f"{config.out} is in use by another saekit "
                                               "train: rank 0 could not lock it.")
         return _train(config, device, ranks, model)
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, a CUDA device without an index is this process's GPU (LOCAL_RANK)."""
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 and device.type == "cuda"
+            and device.index is None):
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return device
 
 
 def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
@@ -374,6 +427,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
         for run in runs:
             run.sae.init_from_data(*run.sae.split_pair(parts[run.part]))
         batches = itertools.chain(first, batches)
+        del first, parts
     writer = MetricsWriter(out, runs, start, config, learning_rate) if ranks.rank == 0 else None
     local = slice(ranks.rank * config.batch_size // ranks.world,
                   (ranks.rank + 1) * config.batch_size // ranks.world)
@@ -399,6 +453,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
         held_out = [ActivationStream(cache, config.batch_size, hook, shards=holdout,
                                      target_hook=stream.target_hook) if holdout else None
                     for hook in stream.hooks]
+        if isinstance(cache, ModelActivations) and holdout:
+            held_out = held_out_in_memory(held_out, holdout)
         for run in runs:
             saved[run.name] = finish_run(run, out, held_out[run.part], config)
         writer.close()
@@ -420,12 +476,26 @@ def hook_runs(config: TrainConfig, cache: ActivationCache | ModelActivations,
     return runs
 
 
-def finish_run(run: Run, out: Path, held_out: ActivationStream | None,
+def held_out_in_memory(streams: list[ActivationStream], shards: list[int]
+                       ) -> list[list[torch.Tensor]]:
+    """Each stream's held-out tokens, read shard by shard for every hook at once: on the fly,
+    one forward over the held-out rows serves every SAE of the run."""
+    kept: list[list[torch.Tensor]] = [[] for _ in streams]
+    for index in shards:
+        for part, stream in enumerate(streams):
+            kept[part].append(stream.load_tokens(index))
+    return kept
+
+
+def finish_run(run: Run, out: Path, held_out: ActivationStream | list[torch.Tensor] | None,
                config: TrainConfig) -> Path:
-    """Fold the input scale into the weights, evaluate on held-out shards (if any), save."""
+    """Fold the input scale into the weights, evaluate on held-out shards (if any: a stream,
+    or their tokens in memory), save."""
     sae = run.sae
     sae.fold_activation_scale()
-    metrics = reconstruction_metrics(sae, held_out.in_order()) if held_out else {}
+    if isinstance(held_out, ActivationStream):
+        held_out = held_out.in_order()
+    metrics = reconstruction_metrics(sae, held_out) if held_out is not None else {}
     metrics["dead_fraction_training"] = float(run.dead_mask(config.dead_tokens).float().mean())
     folder = sae.save(out / run.name, firing_frequency=metrics.pop("firing_frequency", None))
     write_json(folder / "train_summary.json", {"name": run.name, "steps": config.steps,

@@ -21,7 +21,7 @@ from saekit.cli import main
 from saekit.errors import ConfigError
 from saekit.model_stream import rows_to_read
 from saekit.sae import load_sae
-from saekit.train import train, train_config
+from saekit.train import open_stream, train, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -51,13 +51,18 @@ def _summary(folder: Path) -> dict:
 
 def test_on_the_fly_equals_training_on_a_cache_of_the_same_rows(model, tmp_path):
     config = train_config(out=str(tmp_path / "fly"), hook=HOOKS[:1], **SETTINGS)
+    source, stream, holdout = open_stream(config, model=model)
+    n_rows = len(source.tokens())
     train_rows, held_rows = rows_to_read(config.tokens, config.holdout_tokens, 32, 8)
-    assert (train_rows, held_rows) == (88, 16)  # 2,560 tokens / 31 usable a row; 512 / 32
+    assert held_rows == 16 and n_rows >= train_rows + held_rows and n_rows % 8 == 0
+    assert len(holdout) == 2 and stream.batches_per_epoch() >= config.steps  # one epoch
     cache = capture_activations(
-        CaptureConfig(hooks=HOOKS[:1], tokens=(train_rows + held_rows) * 32, seed=2,
-                      **READING), tmp_path / "cache", model=model)
+        CaptureConfig(hooks=HOOKS[:1], tokens=n_rows * 32, seed=2, **READING),
+        tmp_path / "cache", model=model)
     fly = train(config, model=model)[NAME]
-    cached = train(replace(config, out=str(tmp_path / "cached"), activations=str(cache)))[NAME]
+    cached_settings = {k: v for k, v in SETTINGS.items() if k not in READING}
+    cached = train(train_config(out=str(tmp_path / "cached"), activations=str(cache),
+                                **cached_settings))[NAME]
     _same_weights(fly, cached)
     assert _summary(fly) == _summary(cached)
     assert 0 < _summary(fly)["fvu"] < 1 and _summary(fly)["tokens"] > 400  # 16 held-out rows
@@ -123,3 +128,10 @@ def test_on_the_fly_needs_a_hook_and_keeps_its_settings(model, tmp_path, capsys)
         train(replace(config, tokens=64 * 10, context=64), model=model)
     with pytest.raises(ConfigError, match="text-field is empty"):
         train_config(out="x", hook=HOOKS[:1], text_field=" ")
+    with pytest.raises(ConfigError, match="--context, --model-dtype: how the model reads"):
+        train_config(out="x", activations="cache", model_dtype="bfloat16", context=64)
+    with pytest.raises(ConfigError, match=r"blocks.1.mlp.hook_post gives activations shaped "
+                                          r"\[1, 2, 2048\].*not \[batch, seq, d_model = 640\]"):
+        train(replace(config, out=str(tmp_path / "mlp"), hook=["blocks.1.mlp.hook_post"]),
+              model=model)
+    assert not (tmp_path / "mlp" / "checkpoint.pt").exists()
