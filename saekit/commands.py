@@ -241,10 +241,11 @@ def run_serve(config: ServeConfig) -> None:
               "the network; it has no authentication. Use --host 127.0.0.1 to keep it local.")
     explorer = build_explorer(config)
     server = make_server(explorer, config.host, config.port)
+    listening = server.config.bind_socket()  # bound before the address is printed
     print(f"saekit serve: {explorer.sae.d_sae:,} features at {explorer.hook}, "
           f"{explorer.statistics.n_tokens:,} tokens of {explorer.cache.folder}; cached pages in "
           f"{explorer.folder}\nopen http://{config.host}:{config.port}/ (Ctrl-C stops)")
-    server.run()
+    server.run(sockets=[listening])
 
 
 COMMANDS = (
