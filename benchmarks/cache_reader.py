@@ -74,3 +74,17 @@ def held_out_fvu(reconstruct: Callable[[torch.Tensor], torch.Tensor], cache: Cac
             sum_err += float((x - x_hat).double().pow(2).sum())
             n += len(x)
     return sum_err / (sum_sq_x - float(sum_x.pow(2).sum()) / n)
+
+
+def compare_with_saekit(figures: dict, compare: Path | None, batch_size: int, rate: float,
+                        other_name: str) -> None:
+    """Add ``saekit_over_<other>`` and ``plain_loop_over_<other>`` to ``figures`` from a
+    benchmarks/train.py ``--json`` file (``compare``), warning when its run differs."""
+    if not compare:
+        return
+    saekit = json.loads(compare.read_text())
+    if saekit["tokens"] != figures["tokens"] or saekit["batch_size"] != batch_size:
+        print(f"warning: {compare} is for {saekit['tokens']} tokens in batches of "
+              f"{saekit['batch_size']}")
+    figures[f"saekit_over_{other_name}"] = round(saekit["saekit_topk_tokens_per_s"] / rate, 3)
+    figures[f"plain_loop_over_{other_name}"] = round(saekit["plain_loop_tokens_per_s"] / rate, 3)

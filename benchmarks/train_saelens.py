@@ -38,7 +38,7 @@ import torch
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
-from cache_reader import Cache, held_out_fvu
+from cache_reader import Cache, compare_with_saekit, held_out_fvu
 from topk_bench_flags import add_topk_bench_flags
 
 def main() -> None:
@@ -91,13 +91,7 @@ def main() -> None:
         "saelens_topk_tokens_per_s": round(rate),
         "saelens_held_out_fvu": round(held_out_fvu(sae.eval(), cache, args.device), 4),
     }
-    if args.compare:
-        other = json.loads(args.compare.read_text())
-        if other["tokens"] != figures["tokens"] or other["batch_size"] != args.batch_size:
-            print(f"warning: {args.compare} is for {other['tokens']} tokens in batches of "
-                  f"{other['batch_size']}")
-        figures["saekit_over_saelens"] = round(other["saekit_topk_tokens_per_s"] / rate, 3)
-        figures["plain_loop_over_saelens"] = round(other["plain_loop_tokens_per_s"] / rate, 3)
+    compare_with_saekit(figures, args.compare, args.batch_size, rate, "saelens")
     for name, value in figures.items():
         print(f"{name:28s} {value}")
     print(json.dumps(figures))

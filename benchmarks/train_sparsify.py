@@ -34,7 +34,7 @@ from pathlib import Path
 
 import sparsify
 import torch
-from cache_reader import Cache, held_out_fvu
+from cache_reader import Cache, compare_with_saekit, held_out_fvu
 from schedulefree import ScheduleFreeWrapper
 from sparsify import SaeConfig, SparseCoder
 from sparsify.sign_sgd import SignSGD
@@ -134,13 +134,7 @@ def main() -> None:
                                                     args.device), 4),
         "dead_fraction": round(float((tokens_since_fired > args.dead_tokens).float().mean()), 4),
     }
-    if args.compare:
-        other = json.loads(args.compare.read_text())
-        if other["tokens"] != figures["tokens"] or other["batch_size"] != args.batch_size:
-            print(f"warning: {args.compare} is for {other['tokens']} tokens in batches of "
-                  f"{other['batch_size']}")
-        figures["saekit_over_sparsify"] = round(other["saekit_topk_tokens_per_s"] / rate, 3)
-        figures["plain_loop_over_sparsify"] = round(other["plain_loop_tokens_per_s"] / rate, 3)
+    compare_with_saekit(figures, args.compare, args.batch_size, rate, "sparsify")
     for name, value in figures.items():
         print(f"{name:28s} {value}")
     if args.json:
