@@ -303,10 +303,10 @@ class ActivationStream:
                     continue
                 acts = self._load_group(group, epoch, group_index)
                 for b in range(skip, n_batches):
-                    batch = acts[b * self.batch_size:(b + 1) * self.batch_size]
-                    # the last batch is a copy, so a reader holding it does not keep the
-                    # group alive while the next one loads
-                    yield batch.clone() if b == n_batches - 1 else batch
+                    rows = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                    # the last batch is a copy and no name here holds a view, so neither the
+                    # reader nor this frame keeps the group alive while the next one loads
+                    yield acts[rows].clone() if b == n_batches - 1 else acts[rows]
                 del acts
                 skip = 0
             epoch += 1

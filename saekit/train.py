@@ -36,7 +36,7 @@ from saekit.evaluate import reconstruction_metrics
 from saekit.files import FolderInUseError, output_lock, save_torch, write_json
 from saekit.model import default_device
 from saekit.model_stream import ModelActivations
-from saekit.train_data import next_batch, open_stream
+from saekit.train_data import next_batch, open_stream, replay_then
 from saekit.train_log import MetricsWriter, truncate_metrics
 from saekit.train_runs import (Distributed, Run, check_finite_parameters, learning_rate,
                                make_runs, train_step)
@@ -342,7 +342,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
         parts = stream.per_hook(torch.cat(first).to(device))
         for run in runs:
             run.sae.init_from_data(*run.sae.split_pair(parts[run.part]))
-        batches = itertools.chain(first, batches)
+        batches = replay_then(first, batches)
         del first, parts
     writer = MetricsWriter(out, runs, start, config, learning_rate) if ranks.rank == 0 else None
     local = slice(ranks.rank * config.batch_size // ranks.world,

@@ -102,3 +102,12 @@ def next_batch(batches: Iterator[torch.Tensor], step: int) -> torch.Tensor:
         return next(batches)
     except NonFiniteActivationsError as err:
         raise NonFiniteActivationsError(f"At step {step}: {err}") from err
+
+
+def replay_then(first: list[torch.Tensor], rest: Iterator[torch.Tensor]
+                ) -> Iterator[torch.Tensor]:
+    """The batches of ``first`` (emptied as they are read, so that none outlives its step
+    and keeps its shuffle group alive), then those of ``rest``."""
+    while first:
+        yield first.pop(0)
+    yield from rest
