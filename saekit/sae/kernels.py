@@ -25,9 +25,25 @@ BatchSum = Callable[[Tensor], Tensor]
 
 
 @torch.no_grad()
-def encoder_preacts(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor) -> Tensor:
-    """Dense pre-activations ``(x - b_dec) @ W_enc + b_enc``, without autograd: [batch, d_sae]."""
-    return torch.addmm(b_enc, x if b_dec is None else x - b_dec, W_enc)
+def encoder_preacts(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tensor,
+                    out: Tensor | None = None) -> Tensor:
+    """Dense pre-activations ``(x - b_dec) @ W_enc + b_enc``, without autograd: [batch, d_sae].
+
+    ``out``: a tensor of that shape to write them into (a buffer kept across steps: a fresh
+    one costs a page fault per 4 KiB, since allocations this large are mapped anew each time).
+    """
+    return torch.addmm(b_enc, x if b_dec is None else x - b_dec, W_enc, out=out)
+
+
+def workspace(holder: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A tensor of ``shape`` with ``like``'s dtype and device kept on ``holder`` as ``name``
+    and reused while those match (its content is left as is)."""
+    buffer = holder.__dict__.get(name)
+    if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype \
+            or buffer.device != like.device:
+        buffer = like.new_empty(shape)
+        holder.__dict__[name] = buffer
+    return buffer
 
 
 class _SparseGather(torch.autograd.Function):

@@ -28,7 +28,7 @@ from saekit.errors import SAEConfigError
 from saekit.sae.base import SAE, SAEConfig, TrainStep
 from saekit.sae.kernels import (BatchSum, batch_mean, encoder_preacts, fired_latents,
                                 gather_preacts, positive_masked_topk, reconstruction_losses,
-                                row_topk, sparse_decode, total_variance)
+                                row_topk, sparse_decode, total_variance, workspace)
 
 
 @dataclass
@@ -84,7 +84,9 @@ class TopKSAE(SAE):
                        progress: float, batch_sum: BatchSum) -> TrainStep:
         batch = x.shape[0]
         b_dec_in = self._b_dec_in()
-        pre = encoder_preacts(x, b_dec_in, self.W_enc, self.b_enc)
+        # only this step reads pre, so one buffer serves every step
+        pre = encoder_preacts(x, b_dec_in, self.W_enc, self.b_enc,
+                              out=workspace(self, "_preacts", (batch, self.d_sae), x))
         rows, cols = self._select(pre, batch_sum)
         aux_rows, aux_cols = self._aux_positions(pre, dead_mask)
         vals = gather_preacts(pre, x, b_dec_in, self.W_enc, self.b_enc,
