@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from saekit.errors import TrainingError
 from saekit.files import atomic_path
 
@@ -53,14 +55,15 @@ class MetricsWriter:
                 raise TrainingError("--wandb needs wandb: pip install wandb") from err
             self.wandb = wandb.init(project="saekit", config=asdict(config))
 
-    def log(self, step: int, logs: dict[str, dict[str, float]]) -> None:
+    def log(self, step: int, logs: dict[str, dict[str, torch.Tensor | float]]) -> None:
         if step % self.config.log_every and step != self.config.steps:
             return
         elapsed = time.perf_counter() - self.started[0]
         rate = (step - self.started[1]) * self.config.batch_size / max(elapsed, 1e-9)
         for name, values in logs.items():
             line = {"step": step, "tokens": step * self.config.batch_size,
-                    "lr": self.learning_rate(self.config, step - 1), **values, "tokens_per_s": rate}
+                    "lr": self.learning_rate(self.config, step - 1),
+                    **{k: float(v) for k, v in values.items()}, "tokens_per_s": rate}
             self.files[name].write(json.dumps(line) + "\n")
             self.files[name].flush()
             if self.wandb:

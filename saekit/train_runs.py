@@ -79,6 +79,22 @@ class Run:
     optimizer: torch.optim.Adam
     tokens_since_fired: torch.Tensor  # [d_sae] int64
     part: int = 0
+    # the first step whose losses held NaN or inf (-1: none yet) and those losses, kept on
+    # the device so that a step needs no host sync; ``check_finite_losses`` reads them
+    first_nonfinite: torch.Tensor | None = None
+    nonfinite_values: torch.Tensor | None = None
+    loss_names: tuple[str, ...] = ()
+
+    def note_nonfinite(self, losses: dict[str, torch.Tensor], step: int) -> None:
+        """Record ``losses`` (0-dim tensors) if they are the first to hold NaN or inf."""
+        values = torch.stack([v.to(torch.float64) for v in losses.values()])
+        if self.first_nonfinite is None:
+            self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.nonfinite_values = torch.zeros_like(values)
+            self.loss_names = tuple(losses)
+        first = (self.first_nonfinite < 0) & ~values.isfinite().all()
+        self.first_nonfinite = torch.where(first, step, self.first_nonfinite)
+        self.nonfinite_values = torch.where(first, values, self.nonfinite_values)
 
     def dead_mask(self, threshold: int) -> torch.Tensor:
         return self.tokens_since_fired >= threshold
@@ -130,15 +146,24 @@ def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
     fired = ranks.any_(result.fired)
     run.tokens_since_fired += config.batch_size
     run.tokens_since_fired.masked_fill_(fired, 0)  # no host sync, unlike [fired] = 0
-    logged = {k: float(v.detach()) for k, v in result.losses.items()}
-    non_finite = {k: v for k, v in logged.items() if not math.isfinite(v)}
-    if non_finite:
-        raise TrainingError(
-            f"{run.name}: the loss became non-finite at step {step} ({non_finite}) - training "
-            f"diverged (lr {config.lr:g}); lower --lr or normalise the activations. "
-            "Nothing from this step was saved: the last checkpoint is intact.")
-    logged["dead_fraction"] = float(run.dead_mask(config.dead_tokens).float().mean())
+    logged = {k: v.detach() for k, v in result.losses.items()}
+    run.note_nonfinite(logged, step)
+    logged["dead_fraction"] = run.dead_mask(config.dead_tokens).float().mean()
     return logged
+
+
+def check_finite_losses(runs: list[Run], config: TrainConfig) -> None:
+    """Raise if a run's loss became non-finite at any step so far (one host sync per run:
+    ``train_step`` only records it on the device, so call this before logging or saving)."""
+    for run in runs:
+        if run.first_nonfinite is None or int(run.first_nonfinite) < 0:
+            continue
+        values = dict(zip(run.loss_names, run.nonfinite_values.tolist()))
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        raise TrainingError(
+            f"{run.name}: the loss became non-finite at step {int(run.first_nonfinite)} ({bad})"
+            f" - training diverged (lr {config.lr:g}); lower --lr or normalise the "
+            "activations. Nothing from that step on was saved: the last checkpoint is intact.")
 
 
 def check_finite_parameters(runs: list[Run], step: int) -> None:

@@ -19,6 +19,7 @@ from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingErr
 from saekit.files import sha256_file
 from saekit.sae import load_sae
 from saekit.train import train, train_config
+from saekit.train_runs import Run, check_finite_losses
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -258,3 +259,17 @@ def test_numpy_sweep_values_and_options_by_keyword():
     config = train_config(activations="a", options={"k": [np.int64(16)]}, aux_k=[np.int64(64)])
     key = config.resume_key()["sweep"]["topk"]
     assert key["k"] == [16] and type(key["k"][0]) is int and key["aux_k"] == [64]
+
+
+def test_a_non_finite_loss_is_reported_at_the_first_step_it_happened():
+    """Steps record non-finite losses on the device (no host sync); the check, run before
+    logging or saving, names the first such step and its non-finite terms."""
+    run = Run("topk_w64_k4", None, None, torch.zeros(64, dtype=torch.long))
+    config = train_config(out="x", activations="c", lr=0.5)
+    for step, value in enumerate([1.0, 2.0, float("nan"), float("inf")]):
+        run.note_nonfinite({"fvu": torch.tensor(0.5), "loss": torch.tensor(value)}, step)
+        if step == 1:
+            check_finite_losses([run], config)  # nothing yet
+    with pytest.raises(TrainingError, match=r"topk_w64_k4: the loss became non-finite at step "
+                                            r"2 \(\{'loss': nan\}\)"):
+        check_finite_losses([run], config)

@@ -45,7 +45,7 @@ class TrainStep:
     x_hat: Tensor  # [batch, d_in] reconstruction in raw units, detached
     losses: dict[str, Tensor]  # "loss" (to backprop) and detached terms: "mse", "fvu", "l0", ...
     fired: Tensor  # [d_sae] bool: latents active on at least one sample of the batch
-    l0: float  # mean number of active latents per sample
+    l0: Tensor  # [] mean number of active latents per sample (a tensor: reading it syncs)
 
 
 class SAE(nn.Module):

@@ -160,7 +160,7 @@ class JumpReLUSAE(SAE):
         losses["loss"] = (losses["mse"] + coefficient * losses["l0"]
                           + options.aux_coefficient * losses["aux"])
         return TrainStep(x_hat=x_hat, losses=losses, fired=(acts > 0).any(0),
-                         l0=losses["l0"].item())
+                         l0=losses["l0"].detach())
 
     @staticmethod
     def _dead_preact_loss(pre: Tensor, threshold: Tensor, dead_mask: Tensor | None,

@@ -71,13 +71,19 @@ class _SparseGather(torch.autograd.Function):
         return None, grad_x, grad_b_dec, grad_W_enc, grad_b_enc if needs_b_enc else None, None, None
 
 
+def sorted_offsets(index: Tensor, n: int) -> Tensor:
+    """CSR offsets [n + 1] of a sorted index vector [nnz] of values in ``[0, n)``: where each
+    value's run starts, then ``nnz``. A binary search, so no host sync on CUDA (``bincount``
+    reads the maximum back to size its output)."""
+    return torch.searchsorted(index, torch.arange(n + 1, device=index.device, dtype=index.dtype))
+
+
 def _transpose_spmm(rows: Tensor, cols: Tensor, vals: Tensor, dense: Tensor, n_cols: int) -> Tensor:
     """``G^T @ dense`` [n_cols, d] for the sparse ``G[rows, cols] = vals`` [len(dense), n_cols]."""
     # sparse matmuls are not implemented for every 16-bit dtype: compute those in float32
     compute = dense.dtype if dense.dtype in (torch.float32, torch.float64) else torch.float32
     order = torch.argsort(cols)
-    counts = torch.bincount(cols, minlength=n_cols)
-    crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    crow = sorted_offsets(cols[order], n_cols)
     if dense.device.type == "cpu":  # a bag per column: embedding_bag beats MKL's CSR matmul
         return F.embedding_bag(rows[order], dense.to(compute).contiguous(), crow, mode="sum",
                                per_sample_weights=vals[order].to(compute),
@@ -235,8 +241,7 @@ class _SparseDecodeCPU(torch.autograd.Function):
 
 def sparse_decode(W_dec: Tensor, rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> Tensor:
     """``sum_j vals_j * W_dec[cols_j]`` per row, without the bias: [n_rows, d_in]. Rows sorted."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    offsets = sorted_offsets(rows, n_rows)
     vals = vals.to(W_dec.dtype)
     if W_dec.device.type == "cpu":
         return _SparseDecodeCPU.apply(W_dec, vals, rows, cols, offsets)

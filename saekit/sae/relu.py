@@ -59,4 +59,4 @@ class ReLUSAE(SAE):
         options = self.cfg.options
         coefficient = warmup(options.l1_coefficient, options.l1_warmup_fraction, progress)
         losses["loss"] = losses["mse"] + coefficient * losses["l1"]
-        return TrainStep(x_hat=x_hat, losses=losses, fired=active.any(0), l0=losses["l0"].item())
+        return TrainStep(x_hat=x_hat, losses=losses, fired=active.any(0), l0=losses["l0"].detach())

@@ -94,14 +94,13 @@ class TopKSAE(SAE):
         vals, aux_vals = vals.split([rows.numel(), aux_rows.numel()])
         self._observe(vals.detach(), batch_sum)
         x_hat, losses, objective = self._reconstruct(x, target, rows, cols, vals, batch_sum)
-        any_dead = dead_mask is not None and bool(dead_mask.any())
         losses["auxk"] = self._auxk_loss((target - x_hat).detach(), aux_rows, aux_cols, aux_vals,
-                                         any_dead, batch_sum)
+                                         dead_mask, batch_sum)
         active_per_sample = x.new_zeros(batch).index_add_(0, rows, (vals > 0).to(x.dtype))
         losses["l0"] = batch_mean(active_per_sample, batch_sum)
         losses["loss"] = objective + self.cfg.options.aux_coefficient * losses["auxk"]
         return TrainStep(x_hat=x_hat, losses=losses, fired=fired_latents(cols, vals, self.d_sae),
-                         l0=losses["l0"].item())
+                         l0=losses["l0"].detach())
 
     def _reconstruct(self, x: Tensor, target: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
                      batch_sum: BatchSum) -> tuple[Tensor, dict[str, Tensor], Tensor]:
@@ -118,11 +117,12 @@ class TopKSAE(SAE):
         return positive_masked_topk(pre, dead_mask.to(pre.device), self.aux_k)
 
     def _auxk_loss(self, error: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
-                   any_dead: bool, batch_sum: BatchSum) -> Tensor:
-        # Decided on the dead mask, which is global, never on this rank's entries (which may be
-        # none while another rank has some): every rank must make the same batch_sum calls.
-        if not any_dead:
+                   dead_mask: Tensor | None, batch_sum: BatchSum) -> Tensor:
+        # Zero unless a latent is dead, by a product rather than a branch: no host sync, and
+        # every rank makes the same batch_sum calls whatever entries it holds.
+        if dead_mask is None:
             return error.new_zeros(())
         error_hat = sparse_decode(self.W_dec, rows, cols, vals, error.shape[0])
         squared_error = batch_sum((error - error_hat).pow(2).sum())
-        return (squared_error / total_variance(error, batch_sum)).nan_to_num(0.0)
+        auxk = (squared_error / total_variance(error, batch_sum)).nan_to_num(0.0)
+        return auxk * dead_mask.any().to(device=auxk.device, dtype=auxk.dtype)
