@@ -87,7 +87,7 @@ class Run:
 
     def note_nonfinite(self, losses: dict[str, torch.Tensor], step: int) -> None:
         """Record ``losses`` (0-dim tensors) if they are the first to hold NaN or inf."""
-        values = torch.stack([v.to(torch.float64) for v in losses.values()])
+        values = torch.stack([v.float() for v in losses.values()])
         if self.first_nonfinite is None:
             self.first_nonfinite = torch.full((), -1, dtype=torch.long, device=values.device)
             self.nonfinite_values = torch.zeros_like(values)
