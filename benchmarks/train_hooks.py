@@ -10,8 +10,9 @@ Without ``--activations`` the runs train on the fly (the model reads the corpus;
 two-hook run's one forward serves both hooks, where one-hook runs each run their own); the
 model is loaded once, before timing.
 
-    python benchmarks/train_hooks.py --hook blocks.3.hook_resid_post \
+    python benchmarks/train_hooks.py --hook blocks.3.hook_resid_post \\
         --hook blocks.6.hook_resid_post --tokens 32768
+
     saekit cache --hook blocks.3.hook_resid_post --hook blocks.6.hook_resid_post \\
         --tokens 65536 --shard-rows 64 --out runs/acts_3_6
     python benchmarks/train_hooks.py --activations runs/acts_3_6 --tokens 32768

@@ -41,6 +41,7 @@ from saekit.train_log import MetricsWriter, truncate_metrics
 from saekit.train_runs import (Distributed, Run, check_finite_losses, check_finite_parameters,
                                learning_rate, make_runs, train_step)
 from saekit.sae import ARCHITECTURES, SAEConfig, SAEMetadata, architecture_settings, settings_of
+from saekit.sae.kernels import reused_buffers
 
 CHECKPOINT = "checkpoint.pt"
 __all__ = ["TrainConfig", "train", "train_config", "sweep_configs", "open_stream", "CHECKPOINT",
@@ -308,6 +309,7 @@ def train(config: TrainConfig, model=None) -> dict[str, Path]:
         if not ranks.all_true(refused is None, device):
             raise refused or FolderInUseError(f"{config.out} is in use by another saekit "
                                               "train: rank 0 could not lock it.")
+        stack.enter_context(reused_buffers())  # the steps' large temporaries, kept
         return _train(config, device, ranks, model)
 
 
@@ -363,6 +365,8 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
             check_finite_parameters(runs, step + 1)
             save_checkpoint(out, config, step + 1, runs)
     progress.close()
+    batches.close()  # nor is its shuffle group, nor the last batch, for the evaluation
+    parts = None
     saved = {}
     if ranks.rank == 0:
         check_finite_parameters(runs, config.steps)

@@ -127,8 +127,9 @@ def make_runs(configs: dict[str, SAEConfig], config: TrainConfig, device: torch.
 
 
 def train_step(run: Run, batch: torch.Tensor, config: TrainConfig, step: int,
-               ranks: Distributed) -> dict[str, float]:
-    """One optimiser step of one SAE on this rank's slice ``batch`` [batch / world, d_in]."""
+               ranks: Distributed) -> dict[str, torch.Tensor]:
+    """One optimiser step of one SAE on this rank's slice ``batch`` [batch / world, d_in];
+    its losses and dead fraction as 0-dim tensors (on the device: reading them syncs)."""
     dead = run.dead_mask(config.dead_tokens)
     x, target = run.sae.split_pair(batch)
     result = run.sae.training_forward(x, dead_mask=dead, progress=step / config.steps,

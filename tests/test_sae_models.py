@@ -154,10 +154,10 @@ def test_positive_masked_topk_keeps_masked_row_topks_positive_entries(k):
     pre = torch.randn(12, 40, dtype=torch.float64) + torch.linspace(-2, 2, 12)[:, None]
     allowed = torch.arange(40) % 5 != 0
     rows, cols = masked_row_topk(pre, allowed, k, positive_only=True)
-    kept_rows, kept_cols = positive_masked_topk(pre, allowed, k)
+    kept_rows, kept_cols = positive_masked_topk(pre, allowed.nonzero().squeeze(1), k)
     assert sorted(zip(rows.tolist(), cols.tolist())) == list(zip(kept_rows.tolist(),
                                                                 kept_cols.tolist()))
-    none_rows, _ = positive_masked_topk(pre, torch.zeros(40, dtype=torch.bool), k)
+    none_rows, _ = positive_masked_topk(pre, torch.zeros(0, dtype=torch.long), k)
     assert none_rows.numel() == 0
 
 

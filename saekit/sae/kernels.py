@@ -13,8 +13,10 @@ global batch and summing gradients over ranks gives the global gradient.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +31,38 @@ def encoder_preacts(x: Tensor, b_dec: Tensor | None, W_enc: Tensor, b_enc: Tenso
                     out: Tensor | None = None) -> Tensor:
     """Dense pre-activations ``(x - b_dec) @ W_enc + b_enc``, without autograd: [batch, d_sae].
 
-    ``out``: a tensor of that shape to write them into (a buffer kept across steps: a fresh
-    one costs a page fault per 4 KiB, since allocations this large are mapped anew each time).
+    ``out``: a tensor of that shape to write them into (a buffer kept across steps, see
+    ``workspace``: a fresh one costs a page fault per 4 KiB, since malloc maps allocations
+    this large anew each time).
     """
     return torch.addmm(b_enc, x if b_dec is None else x - b_dec, W_enc, out=out)
 
 
-def workspace(holder: object, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A tensor of ``shape`` with ``like``'s dtype and device kept on ``holder`` as ``name``
-    and reused while those match (its content is left as is)."""
-    buffer = holder.__dict__.get(name)
-    if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype \
-            or buffer.device != like.device:
-        buffer = like.new_empty(shape)
-        holder.__dict__[name] = buffer
+_buffers = threading.local()  # this thread's kept buffers while ``reused_buffers`` is open
+
+
+@contextlib.contextmanager
+def reused_buffers() -> Iterator[None]:
+    """Within: ``workspace`` keeps its buffers and reuses them across steps and SAEs (a
+    training run); on exit they are released. Outside, ``workspace`` allocates afresh."""
+    outer = getattr(_buffers, "kept", None)
+    _buffers.kept = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _buffers.kept = outer
+
+
+def workspace(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """A tensor of ``shape`` with ``like``'s dtype and device, its content left as is: inside
+    ``reused_buffers`` the one kept under ``name`` when those match (one per name and device,
+    so the SAEs of a sweep share it), else a new one."""
+    kept = getattr(_buffers, "kept", None)
+    if kept is None:
+        return like.new_empty(shape)
+    buffer = kept.get((name, like.device))
+    if buffer is None or buffer.shape != shape or buffer.dtype != like.dtype:
+        buffer = kept[(name, like.device)] = like.new_empty(shape)
     return buffer
 
 
@@ -135,15 +155,15 @@ def masked_row_topk(pre: Tensor, allowed: Tensor, k: int,
     return rows, cols
 
 
-def positive_masked_topk(pre: Tensor, allowed: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``masked_row_topk(pre, allowed, k, positive_only=True)``'s entries, each row's in column
-    order: the positive entries among each row's ``k`` largest in the ``allowed`` columns.
+def positive_masked_topk(pre: Tensor, candidates: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``masked_row_topk(pre, allowed, k, positive_only=True)``'s entries for the ``allowed``
+    columns whose sorted indices are ``candidates`` [n_allowed], each row's in column order: the
+    positive entries among each row's ``k`` largest in those columns.
 
     A row with at most ``k`` positive allowed entries keeps them all, so only rows with more need
-    a top-k. Cost: a few elementwise passes over the allowed block ``pre[:, allowed]``
+    a top-k. Cost: a few elementwise passes over the allowed block ``pre[:, candidates]``
     [batch, n_allowed], a top-k over the crowded rows only, and at most ``batch * k`` entries out.
     """
-    candidates = allowed.nonzero().squeeze(1)
     block = pre.index_select(1, candidates)
     keep = block > 0
     if k < candidates.numel():

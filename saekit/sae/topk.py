@@ -84,18 +84,18 @@ class TopKSAE(SAE):
                        progress: float, batch_sum: BatchSum) -> TrainStep:
         batch = x.shape[0]
         b_dec_in = self._b_dec_in()
-        # only this step reads pre, so one buffer serves every step
+        # only this step reads pre, so one buffer can serve every step (while training)
         pre = encoder_preacts(x, b_dec_in, self.W_enc, self.b_enc,
-                              out=workspace(self, "_preacts", (batch, self.d_sae), x))
+                              out=workspace("preacts", (batch, self.d_sae), x))
         rows, cols = self._select(pre, batch_sum)
-        aux_rows, aux_cols = self._aux_positions(pre, dead_mask)
+        aux_rows, aux_cols, any_dead = self._aux_positions(pre, dead_mask)
         vals = gather_preacts(pre, x, b_dec_in, self.W_enc, self.b_enc,
                               torch.cat([rows, aux_rows]), torch.cat([cols, aux_cols])).relu()
         vals, aux_vals = vals.split([rows.numel(), aux_rows.numel()])
         self._observe(vals.detach(), batch_sum)
         x_hat, losses, objective = self._reconstruct(x, target, rows, cols, vals, batch_sum)
         losses["auxk"] = self._auxk_loss((target - x_hat).detach(), aux_rows, aux_cols, aux_vals,
-                                         dead_mask, batch_sum)
+                                         any_dead, batch_sum)
         active_per_sample = x.new_zeros(batch).index_add_(0, rows, (vals > 0).to(x.dtype))
         losses["l0"] = batch_mean(active_per_sample, batch_sum)
         losses["loss"] = objective + self.cfg.options.aux_coefficient * losses["auxk"]
@@ -110,19 +110,24 @@ class TopKSAE(SAE):
         losses = reconstruction_losses(target, x_hat, batch_sum)
         return x_hat, losses, losses["fvu"]
 
-    def _aux_positions(self, pre: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _aux_positions(self, pre: Tensor, dead_mask: Tensor | None
+                       ) -> tuple[Tensor, Tensor, bool]:
+        """AuxK's entries ``(rows, cols)`` and whether any latent is dead."""
+        empty = torch.empty(0, dtype=torch.long, device=pre.device)
         if dead_mask is None:
-            empty = torch.empty(0, dtype=torch.long, device=pre.device)
-            return empty, empty
-        return positive_masked_topk(pre, dead_mask.to(pre.device), self.aux_k)
+            return empty, empty, False
+        # the selection's sizes depend on the data: this is its one read of the dead set
+        dead = dead_mask.to(pre.device).nonzero().squeeze(1)
+        if not dead.numel():
+            return empty, empty, False
+        return *positive_masked_topk(pre, dead, self.aux_k), True
 
     def _auxk_loss(self, error: Tensor, rows: Tensor, cols: Tensor, vals: Tensor,
-                   dead_mask: Tensor | None, batch_sum: BatchSum) -> Tensor:
-        # Zero unless a latent is dead, by a product rather than a branch: no host sync, and
-        # every rank makes the same batch_sum calls whatever entries it holds.
-        if dead_mask is None:
+                   any_dead: bool, batch_sum: BatchSum) -> Tensor:
+        # Decided on the dead mask, which is global, never on this rank's entries (which may be
+        # none while another rank has some): every rank must make the same batch_sum calls.
+        if not any_dead:
             return error.new_zeros(())
         error_hat = sparse_decode(self.W_dec, rows, cols, vals, error.shape[0])
         squared_error = batch_sum((error - error_hat).pow(2).sum())
-        auxk = (squared_error / total_variance(error, batch_sum)).nan_to_num(0.0)
-        return auxk * dead_mask.any().to(device=auxk.device, dtype=auxk.dtype)
+        return (squared_error / total_variance(error, batch_sum)).nan_to_num(0.0)
