@@ -37,7 +37,7 @@ from saekit.files import FolderInUseError, output_lock, save_torch, write_json
 from saekit.model import default_device
 from saekit.model_stream import ModelActivations
 from saekit.train_data import next_batch, open_stream, replay_then
-from saekit.train_log import MetricsWriter, truncate_metrics
+from saekit.train_log import MetricsWriter, logged_at, truncate_metrics
 from saekit.train_runs import (Distributed, Run, check_finite_losses, check_finite_parameters,
                                learning_rate, make_runs, train_step)
 from saekit.sae import ARCHITECTURES, SAEConfig, SAEMetadata, architecture_settings, settings_of
@@ -356,8 +356,7 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
         parts = stream.per_hook(next_batch(batches, step)[local].to(device))
         logs = {run.name: train_step(run, parts[run.part], config, step, ranks) for run in runs}
         progress.update(config.batch_size)
-        if (step + 1) % config.log_every == 0 or (step + 1) % config.checkpoint_every == 0 \
-                or step + 1 == config.steps:
+        if logged_at(config, step + 1) or (step + 1) % config.checkpoint_every == 0:
             check_finite_losses(runs, config)  # on every rank: they hold the same losses
         if writer:
             writer.log(step + 1, logs)

@@ -16,6 +16,12 @@ from saekit.errors import TrainingError
 from saekit.files import atomic_path
 
 
+def logged_at(config: Any, step: int) -> bool:
+    """Whether a metrics line is written after ``step`` steps (every ``log_every``, and the
+    last step)."""
+    return step % config.log_every == 0 or step == config.steps
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop logged lines past ``step`` (written after the checkpoint a resume starts from) and
     any line a crash or a full disk left torn."""
@@ -56,7 +62,7 @@ class MetricsWriter:
             self.wandb = wandb.init(project="saekit", config=asdict(config))
 
     def log(self, step: int, logs: dict[str, dict[str, torch.Tensor | float]]) -> None:
-        if step % self.config.log_every and step != self.config.steps:
+        if not logged_at(self.config, step):
             return
         elapsed = time.perf_counter() - self.started[0]
         rate = (step - self.started[1]) * self.config.batch_size / max(elapsed, 1e-9)

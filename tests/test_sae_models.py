@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -14,7 +16,8 @@ from saekit.sae import (ARCHITECTURES, SAE, BatchTopKSAE, JumpReLUSAE, Matryoshk
                         SAEConfig,
                         TopKSAE, load_sae, sae_config)
 from saekit.sae.kernels import (encoder_preacts, gather_preacts, masked_row_topk,
-                                positive_masked_topk, row_topk, sparse_decode)
+                                positive_masked_topk, reused_buffers, row_topk, sparse_decode,
+                                workspace)
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
 TOPK_LIKE = ("topk", "batchtopk", "matryoshka")
@@ -432,3 +435,17 @@ def test_matryoshka_prefix_reconstructs_alone_where_batchtopk_does_not(one_threa
             error = (held - sae.decode(acts)).pow(2).sum()
         explained[arch] = 1 - float(error / (held - held.mean(0)).pow(2).sum())
     assert explained["matryoshka"] > 0.2 and explained["matryoshka"] > explained["batchtopk"] + 0.15
+
+
+def test_workspace_is_reused_only_inside_reused_buffers_and_released_after():
+    x = torch.zeros(4, 3)
+    assert workspace("preacts", (4, 8), x) is not workspace("preacts", (4, 8), x)  # outside
+    with reused_buffers():
+        kept = workspace("preacts", (4, 8), x)
+        assert workspace("preacts", (4, 8), x) is kept  # the next step, or another SAE
+        assert workspace("preacts", (2, 8), x).shape == (2, 8)  # another shape: a new one
+        assert workspace("preacts", (2, 8), x.double()).dtype == torch.float64
+        released = weakref.ref(workspace("preacts", (4, 8), x))
+    del kept
+    gc.collect()
+    assert released() is None
