@@ -360,15 +360,17 @@ def _train(config: TrainConfig, device: torch.device, ranks: Distributed, model
             check_finite_losses(runs, config)  # on every rank: they hold the same losses
         if writer:
             writer.log(step + 1, logs)
-        if ranks.rank == 0 and ((step + 1) % config.checkpoint_every == 0):
+        if (step + 1) % config.checkpoint_every == 0:
+            # on every rank (they hold the same parameters), so none waits for a stopped one
             check_finite_parameters(runs, step + 1)
-            save_checkpoint(out, config, step + 1, runs)
+            if ranks.rank == 0:
+                save_checkpoint(out, config, step + 1, runs)
     progress.close()
     batches.close()  # nor is its shuffle group, nor the last batch, for the evaluation
     parts = None
     saved = {}
+    check_finite_parameters(runs, config.steps)
     if ranks.rank == 0:
-        check_finite_parameters(runs, config.steps)
         save_checkpoint(out, config, config.steps, runs)
         if isinstance(cache, ModelActivations) and cache.world > 1:
             cache = replace(cache, rank=0, world=1, _last=None)  # rank 0 evaluates alone

@@ -19,7 +19,7 @@ from saekit.errors import NonFiniteActivationsError, SAEConfigError, TrainingErr
 from saekit.files import sha256_file
 from saekit.sae import load_sae
 from saekit.train import train, train_config
-from saekit.train_runs import Run, check_finite_losses
+from saekit.train_runs import Run, check_finite_losses, check_finite_parameters
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -273,3 +273,18 @@ def test_a_non_finite_loss_is_reported_at_the_first_step_it_happened():
     with pytest.raises(TrainingError, match=r"topk_w64_k4: the loss became non-finite at step "
                                             r"2 \(\{'loss': nan\}\)"):
         check_finite_losses([run], config)
+
+
+def test_non_finite_parameters_are_named_and_refused():
+    """``check_finite_parameters`` (run by ``train`` on every rank before a checkpoint and at
+    the end) names the SAE and the tensor."""
+    from saekit.sae import SAEConfig, TopKSAE
+
+    sae = TopKSAE(SAEConfig("topk", d_in=8, d_sae=16, options={"k": 2}))
+    run = Run("topk_w16_k2", sae, None, torch.zeros(16, dtype=torch.long))
+    check_finite_parameters([run], 3)  # finite: nothing raised
+    with torch.no_grad():
+        sae.W_dec[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match=r"topk_w16_k2: parameters \['W_dec'\] are "
+                                            r"non-finite after step 3"):
+        check_finite_parameters([run], 3)
