@@ -107,8 +107,10 @@ def iter_sampled_tokens(model, prompts: Tensor | Sequence[str], interventions: S
     generator = torch.Generator(device=device).manual_seed(seed)
     done = torch.zeros(len(tokens), dtype=torch.bool, device=device)
     with steer(model, *interventions, positions=positions):
+        # only the last position's logits are sampled from: the prompt's 262k-wide rows cost
+        # as much as a third of the generation
         logits, cache = model(tokens, return_type="logits_and_cache", attention_mask=mask,
-                              use_cache=True)
+                              use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
             if not bool(torch.isfinite(logits[:, -1]).all()):
                 raise SteeringError(
