@@ -229,3 +229,22 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     assert list(second["concepts"]) == ["kings", "rivers"]
     assert second["concepts"]["kings"] == kings
     assert (tmp_path / "steering_benchmark_curves.png").is_file()
+
+
+def test_steering_layers_measures_each_layer_and_resumes(tiny_cache, tmp_path):
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps({"kings": ["king*", "the"]}))
+    args = ["--activations", str(tiny_cache), "--concepts-file", str(concepts), "--layers", "2,6", "--vector-strengths", "0,0.5",
+            "--prompts", "2", "--samples-per-prompt", "1", "--max-new-tokens", "3",
+            "--ordinary-windows", "4"]
+    run_script("steering_layers", tmp_path, *args)
+    result = outputs(tmp_path, "steering_layers")
+    points = result["concepts"]["kings"]["points"]
+    assert [(p["layer"], p["strength"]) for p in points] == [(2, 0), (2, 0.5), (6, 0), (6, 0.5)]
+    assert all(p["residual_scale"] > 0 and p["perplexity"] > 1 for p in points)
+    assert points[0]["kl_neutral"] == pytest.approx(0, abs=1e-6)  # strength 0: no edit
+    assert points[1]["kl_neutral"] > 1e-4
+    assert set(result["concepts"]["kings"]["best_by_layer"]) == {"2", "6"}
+    first = result["concepts"]["kings"]["seconds"]
+    run_script("steering_layers", tmp_path, *args)  # resumed: measured once
+    assert outputs(tmp_path, "steering_layers")["concepts"]["kings"]["seconds"] == first
