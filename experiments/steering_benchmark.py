@@ -44,8 +44,8 @@ from saekit.concept import ConceptSearch, benchmark_concepts, select_concept_fea
 from saekit.concept_probe import ConceptProbe, fit_concept_probe, ordinary_windows
 from saekit.concept_texts import ConceptTexts, concept_texts
 from saekit.formats import load_foreign_sae
-from saekit.steer_eval import (keyword_pattern, measure_settings, next_token_logprobs,
-                               read_prompts)
+from saekit.steer_eval import (extend_within_budget, keyword_pattern, measure_settings,
+                               next_token_logprobs, read_prompts)
 
 NAME = "steering_benchmark"
 CONCEPTS = benchmark_concepts()  # name -> keywords, saekit/data/benchmark_concepts.json
@@ -53,7 +53,8 @@ METHODS = ("sae_clamp", "sae_add", "mean_difference", "prompting")
 # The mean-difference vector's grid reaches further: at layer 6 it stays within the perplexity
 # budget up to ~0.4x, where the SAE edits are far over it.
 DEFAULTS = {"concepts": "", "strengths": [0.1, 0.15, 0.2, 0.3],
-            "vector_strengths": [0.2, 0.3, 0.4, 0.5],
+            "vector_strengths": [0.2, 0.3, 0.4, 0.5], "extra_strengths": [],
+            "extra_vector_strengths": [],
             "prompts": 10, "samples_per_prompt": 3, "validation_samples": 2,
             "max_new_tokens": 32, "temperature": 0.7, "stats_rows": 256, "groups": [1, 3, 10],
             "candidates_per_ranking": 12, "max_perplexity_ratio": 3.0}
@@ -73,6 +74,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--strengths", type=common.floats, help="SAE edit norms relative to the residual scale")
     add("--vector-strengths", type=common.floats, help="mean-difference vector norms relative "
         "to the residual scale")
+    add("--extra-strengths", type=common.floats, help="stronger SAE edit norms tried in turn "
+        "(in validation and evaluation) while the last one kept perplexity within budget "
+        "(default: none)")
+    add("--extra-vector-strengths", type=common.floats, help="the same for the mean-difference "
+        "vector (default: none)")
     add("--prompts", type=int, help="evaluation prompts (saekit/data/neutral_prompts.txt)")
     add("--samples-per-prompt", type=int, help="generations per evaluation prompt (default 3)")
     add("--validation-samples", type=int, help="per validation prompt (default 2)")
@@ -170,7 +176,8 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
                            max_new_tokens=args.max_new_tokens,
                            samples_per_prompt=args.validation_samples,
                            temperature=args.temperature,
-                           max_perplexity_ratio=args.max_perplexity_ratio, seed=args.seed)
+                           max_perplexity_ratio=args.max_perplexity_ratio, seed=args.seed,
+                           extra_strengths=list(args.extra_strengths))
     found = select_concept_features(model, sae, tokens, reference, statistics, name, keywords,
                                     search=search, progress=print)
     strengths, vector_strengths = list(args.strengths), list(args.vector_strengths)
@@ -187,12 +194,26 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
     measured += measure_settings(model, [[]], instructed, score_prompts=prompts, **common_args)
 
     n, m = len(strengths), len(vector_strengths)
-    methods = {"sae_clamp": measured[:n], "sae_add": measured[n:2 * n],
-               "mean_difference": measured[2 * n:2 * n + m], "prompting": measured[2 * n + m:]}
-    grids = {"sae_clamp": strengths, "sae_add": strengths,
-             "mean_difference": vector_strengths, "prompting": [None]}
+    lines = {"sae_clamp": sorted(zip(strengths, measured[:n]), key=lambda sp: sp[0]),
+             "sae_add": sorted(zip(strengths, measured[n:2 * n]), key=lambda sp: sp[0]),
+             "mean_difference": sorted(zip(vector_strengths, measured[2 * n:2 * n + m]),
+                                       key=lambda sp: sp[0])}
     base = summarise(unsteered, pattern)
     limit = args.max_perplexity_ratio * base["perplexity"]
+    plan_of = {"sae_clamp": lambda s: found.plan(sae, s, "clamp"),
+               "sae_add": lambda s: found.plan(sae, s, "add"),
+               "mean_difference": lambda s: [found.vector(s)]}
+
+    def measure(keys: list[tuple[str, float]]) -> list[dict]:
+        return measure_settings(model, [plan_of[method](s) for method, s in keys], prompts,
+                                **common_args)
+
+    # the lists in ``lines`` are extended in place
+    extend_within_budget(measure, {k: lines[k] for k in ("sae_clamp", "sae_add")},
+                         sorted(args.extra_strengths), limit)
+    extend_within_budget(measure, {"mean_difference": lines["mean_difference"]},
+                         sorted(args.extra_vector_strengths), limit)
+    lines["prompting"] = [(None, measured[2 * n + m])]
     result = {"keywords": keywords, "features": found.choice.features,
               "values": found.choice.values, "chosen_strength": found.choice.strength,
               "validation": {"mention_rate": found.choice.mention_rate,
@@ -203,9 +224,8 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
                              "settings": found.validation},
               "n_mentions_in_cache": found.texts.n_mentions, "unsteered": base,
               "perplexity_limit": limit, "best": {},
-              "methods": {method: [summarise(p, pattern) | {"strength": s}
-                                   for p, s in zip(points, grids[method])]
-                          for method, points in methods.items()}}
+              "methods": {method: [summarise(p, pattern) | {"strength": s} for s, p in line]
+                          for method, line in lines.items()}}
     add_probe_scores(result, name, fit_probe(model, tokens, found.texts, args.seed), model)
     sae_best = result["best"]["sae_clamp"]
     result["target_met"] = bool(sae_best and sae_best["mention_rate"] >= 0.5
@@ -258,6 +278,9 @@ def resumable_settings(args: argparse.Namespace) -> dict:
     """The flags a concept's result depends on (not which concepts, nor where to write), and
     the version of the measurement."""
     settings = {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")}
+    for extra in ("extra_strengths", "extra_vector_strengths"):  # none: as before these flags
+        if not settings.get(extra):
+            settings.pop(extra, None)
     for path in ("activations", "sae", "concepts_file"):  # however they were spelt
         settings[path] = common.canonical_path(settings.get(path))
     return settings | {"version": VERSION}

@@ -43,7 +43,7 @@ from saekit.concept_texts import ConceptError, ConceptTexts
 from saekit.config import check_fields, setting
 from saekit.directions import search_features
 from saekit.steer import Intervention, SteeringVector, steer
-from saekit.steer_eval import read_prompts, steering_sweep
+from saekit.steer_eval import extend_within_budget, read_prompts, steering_sweep
 from saekit.model import loaded_model_name
 
 VALIDATION_PROMPTS = Path(__file__).parent / "data" / "validation_prompts.txt"
@@ -61,6 +61,9 @@ class ConceptSearch:
     # measured on cheese and wine at layer 6: 0.35x already triples perplexity for most features
     strengths: list[float] = setting([0.1, 0.15, 0.2, 0.3], "validated edit norms, x the "
                                      "residual stream's typical centred norm", gt=0)
+    extra_strengths: list[float] = setting([], "stronger edit norms tried in turn for each "
+                                           "group still within the perplexity budget at its "
+                                           "strongest edit so far (e.g. 0.4,0.5,0.6)", gt=0)
     # larger than those validated: screened at 0.15x and 0.2x, the top cheese features never
     # said "cheese" (benchmark v3: 0%); at 0.35x and 0.5x they did (v2: 40%)
     screen_strengths: list[float] = setting([0.35, 0.5], "edit norms of the forward-pass "
@@ -252,12 +255,14 @@ def best_setting(points: Sequence[tuple[object, dict]], base_perplexity: float,
 
 def validate_plans(model, plans: dict[object, list], prompts: Sequence[str],
                    keywords: Sequence[str], search: ConceptSearch,
-                   neutral_texts: Sequence[str]) -> tuple[dict, list[tuple[object, dict]]]:
-    """Generate under each plan from ``prompts``: ``(unsteered point, [(key, point), ...])``."""
+                   neutral_texts: Sequence[str], baseline: bool = True
+                   ) -> tuple[dict | None, list[tuple[object, dict]]]:
+    """Generate under each plan from ``prompts``: ``(unsteered point, [(key, point), ...])``
+    (``baseline`` False: no unsteered point, None)."""
     keys = list(plans)
     sweep = steering_sweep(model, [plans[k] for k in keys], prompts, keywords,
                            search.max_new_tokens, search.samples_per_prompt, search.temperature,
-                           search.seed, neutral_texts)
+                           search.seed, neutral_texts, baseline=baseline)
     return sweep["baseline"], list(zip(keys, sweep["curve"]))
 
 
@@ -279,6 +284,18 @@ def choose_steering(model, sae, candidates: list[Candidate], directions: Tensor,
                 for n in sizes for s in search.strengths}
     base, points = validate_plans(model, settings, validation_prompts, keywords, search,
                                   validation_prompts)
+    if search.extra_strengths:
+        def measure(keys: list[tuple[int, float]]) -> list[dict]:
+            plans = {(tuple(ranked[:n]), s): [clamp_plan(sae, ranked[:n], directions, s, scale)]
+                     for n, s in keys}
+            return [p for _, p in validate_plans(model, plans, validation_prompts, keywords,
+                                                 search, validation_prompts, False)[1]]
+        lines = {n: sorted(((key[1], p) for key, p in points if len(key[0]) == n),
+                           key=lambda sp: sp[0]) for n in sizes}
+        extend_within_budget(measure, lines, sorted(search.extra_strengths),
+                             search.max_perplexity_ratio * base["perplexity"])
+        points += [((tuple(ranked[:n]), s), p) for n, line in lines.items()
+                   for s, p in line[len(search.strengths):]]
     if progress:
         progress(f"validated {len(points)} settings of the best {', '.join(map(str, sizes))} "
                  "features")

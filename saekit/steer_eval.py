@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,24 @@ def measure_settings(model, plans: Sequence[Sequence[Any]], prompts: Sequence[st
                 "samples": samples,
             })
     return results
+
+
+def extend_within_budget(measure: Callable[[list[tuple[Hashable, float]]], list[dict]],
+                         lines: dict[Hashable, list[tuple[float, dict]]],
+                         extra: Sequence[float], limit: float) -> None:
+    """Stronger edits for each line of (strength, point)s, while they stay fluent: for each of
+    ``extra`` in turn, the lines whose strongest point so far has perplexity <= ``limit`` get
+    a point at that strength, all measured by one ``measure([(key, strength), ...])`` call
+    (points in the same order); the lines are extended in place. A fixed grid stops where it
+    stops: a gentle direction may still be within budget at its largest strength."""
+    for strength in extra:
+        keys = [key for key, points in lines.items() if points and strength > points[-1][0]
+                and points[-1][1]["perplexity"] is not None
+                and points[-1][1]["perplexity"] <= limit]
+        if not keys:
+            return
+        for key, point in zip(keys, measure([(key, strength) for key in keys])):
+            lines[key].append((strength, point))
 
 
 def check_texts(texts: Any, what: str) -> None:

@@ -202,19 +202,24 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     args = ["--activations", str(tiny_cache), "--sae", str(tiny_sae), "--concepts-file",
             str(concepts), "--strengths", "0.2,0.5", "--vector-strengths", "0.5", "--prompts", "2",
             "--samples-per-prompt", "1", "--validation-samples", "1", "--max-new-tokens", "4",
-            "--groups", "1,2", "--candidates-per-ranking", "2", "--stats-rows", "16"]
+            "--groups", "1,2", "--candidates-per-ranking", "2", "--stats-rows", "16",
+            # a budget nothing exceeds: every method is extended to the extra strength
+            "--extra-strengths", "0.8", "--extra-vector-strengths", "0.8",
+            "--max-perplexity-ratio", "1e12"]
     run_script("steering_benchmark", tmp_path, *args, "--concepts", "kings")
     first = outputs(tmp_path, "steering_benchmark")
     kings = first["concepts"]["kings"]
     assert set(kings["methods"]) == {"sae_clamp", "sae_add", "mean_difference", "prompting"}
-    grid = {"sae_clamp": [0.2, 0.5], "sae_add": [0.2, 0.5], "mean_difference": [0.5],
-            "prompting": [None]}  # the vector has its own strengths
+    grid = {"sae_clamp": [0.2, 0.5, 0.8], "sae_add": [0.2, 0.5, 0.8],
+            "mean_difference": [0.5, 0.8], "prompting": [None]}  # the vector has its own
     for method, points in kings["methods"].items():
         assert [p["strength"] for p in points] == grid[method]
         for point in points:
             assert point["n_generations"] == 2 and 0 <= point["mention_rate"] <= 1
             assert len(point["probe_scores"]) == 2 and point["perplexity"] > 1
     assert kings["features"] and kings["unsteered"]["n_generations"] == 2
+    validated = [(len(v["features"]), v["strength"]) for v in kings["validation"]["settings"]]
+    assert sorted(validated) == [(n, s) for n in (1, 2) for s in (0.2, 0.5, 0.8)]
     assert kings["methods"]["mean_difference"][0]["kl_neutral"] > 0
     assert first["summary"]["n_corpus_concepts"] == 1
     assert 0 <= first["summary"]["keyword_probe_agreement"]["agreement"] <= 1

@@ -94,3 +94,26 @@ def test_cli_values_relative_needs_max_activation(tmp_path):
     assert args.values == [-1.0, 2.0]
     with pytest.raises(SteeringError, match="--max-activation"):
         args.run(args)
+
+
+def test_extend_within_budget_goes_on_only_while_the_last_edit_is_fluent():
+    """Each line gets the next extra strength while its strongest point so far is within the
+    perplexity limit; lines are measured together, one call per extra strength."""
+    from saekit.steer_eval import extend_within_budget
+
+    calls = []
+
+    def measure(keys):
+        calls.append(keys)
+        return [{"perplexity": 10 * s if key == "steep" else 2 * s} for key, s in keys]
+
+    lines = {"steep": [(1.0, {"perplexity": 10.0})], "gentle": [(1.0, {"perplexity": 2.0})],
+             "broken": [(1.0, {"perplexity": None})]}
+    extend_within_budget(measure, lines, [2.0, 3.0, 4.0], limit=20.0)
+    assert [s for s, _ in lines["steep"]] == [1.0, 2.0, 3.0]  # 20 at 2: still within
+    assert [s for s, _ in lines["gentle"]] == [1.0, 2.0, 3.0, 4.0]
+    assert [s for s, _ in lines["broken"]] == [1.0]
+    assert calls == [[("steep", 2.0), ("gentle", 2.0)], [("steep", 3.0), ("gentle", 3.0)],
+                     [("gentle", 4.0)]]
+    extend_within_budget(measure, lines, [0.5], limit=100.0)  # weaker than measured: skipped
+    assert len(calls) == 3
