@@ -194,10 +194,9 @@ def run_concept(model, sae, args, name: str, keywords: list[str], tokens, refere
     measured += measure_settings(model, [[]], instructed, score_prompts=prompts, **common_args)
 
     n, m = len(strengths), len(vector_strengths)
-    lines = {"sae_clamp": sorted(zip(strengths, measured[:n]), key=lambda sp: sp[0]),
-             "sae_add": sorted(zip(strengths, measured[n:2 * n]), key=lambda sp: sp[0]),
-             "mean_difference": sorted(zip(vector_strengths, measured[2 * n:2 * n + m]),
-                                       key=lambda sp: sp[0])}
+    lines = {"sae_clamp": list(zip(strengths, measured[:n])),
+             "sae_add": list(zip(strengths, measured[n:2 * n])),
+             "mean_difference": list(zip(vector_strengths, measured[2 * n:2 * n + m]))}
     base = summarise(unsteered, pattern)
     limit = args.max_perplexity_ratio * base["perplexity"]
     plan_of = {"sae_clamp": lambda s: found.plan(sae, s, "clamp"),

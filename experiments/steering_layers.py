@@ -107,7 +107,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     (unsteered,) = measure_settings(model, [[]], prompts, pattern=keyword_pattern(["x"]),
                                     **measure)
     limit = args.max_perplexity_ratio * unsteered["perplexity"]
-    settings = {k: v for k, v in common.settings(args).items() if k not in ("concepts", "out")}
+    settings = {k: v for k, v in common.settings(args).items()
+                if k not in ("concepts", "out", "device")}
+    for path in ("activations", "concepts_file"):  # however they were spelt
+        settings[path] = common.canonical_path(settings.get(path))
     partial = Path(args.out) / f"{NAME}.json"
     saved = json.loads(partial.read_text()) if partial.exists() else {}
     results = saved.get("concepts", {}) if saved.get("settings") == settings else {}

@@ -290,12 +290,12 @@ def choose_steering(model, sae, candidates: list[Candidate], directions: Tensor,
                      for n, s in keys}
             return [p for _, p in validate_plans(model, plans, validation_prompts, keywords,
                                                  search, validation_prompts, False)[1]]
-        lines = {n: sorted(((key[1], p) for key, p in points if len(key[0]) == n),
-                           key=lambda sp: sp[0]) for n in sizes}
+        lines = {n: [(key[1], p) for key, p in points if len(key[0]) == n] for n in sizes}
+        measured = {n: len(line) for n, line in lines.items()}
         extend_within_budget(measure, lines, sorted(search.extra_strengths),
                              search.max_perplexity_ratio * base["perplexity"])
         points += [((tuple(ranked[:n]), s), p) for n, line in lines.items()
-                   for s, p in line[len(search.strengths):]]
+                   for s, p in line[measured[n]:]]
     if progress:
         progress(f"validated {len(points)} settings of the best {', '.join(map(str, sizes))} "
                  "features")

@@ -206,14 +206,20 @@ def extend_within_budget(measure: Callable[[list[tuple[Hashable, float]]], list[
                          lines: dict[Hashable, list[tuple[float, dict]]],
                          extra: Sequence[float], limit: float) -> None:
     """Stronger edits for each line of (strength, point)s, while they stay fluent: for each of
-    ``extra`` in turn, the lines whose strongest point so far has perplexity <= ``limit`` get
+    ``extra`` in turn, the lines whose strongest point so far (in any order) has perplexity
+    <= ``limit`` get
     a point at that strength, all measured by one ``measure([(key, strength), ...])`` call
     (points in the same order); the lines are extended in place. A fixed grid stops where it
     stops: a gentle direction may still be within budget at its largest strength."""
+    def fluent_below(points: list[tuple[float, dict]], strength: float) -> bool:
+        if not points:
+            return False
+        strongest, point = max(points, key=lambda sp: sp[0])
+        return strength > strongest and point["perplexity"] is not None \
+            and point["perplexity"] <= limit
+
     for strength in extra:
-        keys = [key for key, points in lines.items() if points and strength > points[-1][0]
-                and points[-1][1]["perplexity"] is not None
-                and points[-1][1]["perplexity"] <= limit]
+        keys = [key for key, points in lines.items() if fluent_below(points, strength)]
         if not keys:
             return
         for key, point in zip(keys, measure([(key, strength) for key in keys])):

@@ -236,6 +236,19 @@ def test_steering_benchmark_measures_every_method_and_resumes(tiny_cache, tiny_s
     assert (tmp_path / "steering_benchmark_curves.png").is_file()
 
 
+def test_benchmark_settings_without_extra_strengths_are_those_of_earlier_runs():
+    """Without --extra-strengths the resumable settings hold no such key, so partial results
+    written before the flags existed still resume."""
+    script = subprocess.run(
+        [sys.executable, "-c", "import steering_benchmark as b; import json; print(json.dumps("
+         "b.resumable_settings(b.parse_args(('--sae', 'x', '--activations', 'y')))))"],
+        cwd=EXPERIMENTS, capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    settings = json.loads(script.stdout)
+    assert "extra_strengths" not in settings and "extra_vector_strengths" not in settings
+    assert settings["strengths"] == [0.1, 0.15, 0.2, 0.3] and settings["version"] == 4
+
+
 def test_steering_layers_measures_each_layer_and_resumes(tiny_cache, tmp_path):
     concepts = tmp_path / "concepts.json"
     concepts.write_text(json.dumps({"kings": ["king*", "the"]}))

@@ -117,3 +117,6 @@ def test_extend_within_budget_goes_on_only_while_the_last_edit_is_fluent():
                      [("gentle", 4.0)]]
     extend_within_budget(measure, lines, [0.5], limit=100.0)  # weaker than measured: skipped
     assert len(calls) == 3
+    unordered = {"a": [(2.0, {"perplexity": 1.0}), (1.0, {"perplexity": 99.0})]}
+    extend_within_budget(measure, unordered, [3.0], limit=20.0)  # judged by its strongest
+    assert [s for s, _ in unordered["a"]] == [2.0, 1.0, 3.0]

@@ -277,7 +277,8 @@ def test_a_non_finite_loss_is_reported_at_the_first_step_it_happened():
 
 def test_non_finite_parameters_are_named_and_refused():
     """``check_finite_parameters`` (run by ``train`` on every rank before a checkpoint and at
-    the end) names the SAE and the tensor."""
+    the end) names the SAE and the tensor. That every torchrun rank runs it is not tested
+    here (it would take a two-process run driven to non-finite parameters)."""
     from saekit.sae import SAEConfig, TopKSAE
 
     sae = TopKSAE(SAEConfig("topk", d_in=8, d_sae=16, options={"k": 2}))
