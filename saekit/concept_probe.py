@@ -102,7 +102,7 @@ def ordinary_windows(tokens: Tensor, mentions: Sequence[tuple[int, int, int]], n
 
 def pooled_activations(model, hook: str, windows: Sequence[Tensor]) -> Tensor:
     """Mean activation at ``hook`` of each window, read after BOS: ``[n_windows, d_model]``."""
-    from saekit.concept import window_activation
+    from saekit.concept_measure import window_activation
 
     return torch.stack([window_activation(model, hook, window).mean(0) for window in windows])
 
