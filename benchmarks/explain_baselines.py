@@ -35,6 +35,7 @@ import torch
 
 from saekit.analyse import feature_statistics
 from saekit.explain import example_id, feature_material, top_tokens_explanation
+from saekit.explain_judges import JUDGES, make_judge
 from saekit.explain_run import (EXPLANATIONS, SUMMARY, mean_scores, read_explanations,
                                 score_material)
 from saekit.explain_scores import SCORERS
@@ -108,6 +109,8 @@ def main() -> None:
                         help="which of (a), (b), (c) to score here")
     parser.add_argument("--merge", help="an earlier --json of the same material: its scores "
                         "are reused")
+    parser.add_argument("--judge", default="auto", choices=JUDGES,
+                        help="the judge method (saekit explain --judge)")
     parser.add_argument("--json")
     args = parser.parse_args()
 
@@ -125,10 +128,14 @@ def main() -> None:
     explained = [f for f in features if records.get(f, {}).get("explanation")]
     order = derangement(len(explained), args.seed) if len(explained) > 1 else []
     shuffled = dict(zip(explained, (explained[i] for i in order)))
-    merged = {row["feature"]: row for row in
-              (json.loads(Path(args.merge).read_text())["features"] if args.merge else [])}
     model = load_model(sae.cfg.metadata.model_name, device="cpu")
-    judge = load_explainer()
+    explainer = load_explainer()
+    judge = make_judge(explainer, args.judge)
+    earlier = json.loads(Path(args.merge).read_text()) if args.merge else {}
+    if earlier and earlier.get("judge", "question") != judge.method:
+        parser.error(f"--merge {args.merge} was judged by {earlier.get('judge', 'question')}, "
+                     f"not {judge.method}")
+    merged = {row["feature"]: row for row in earlier.get("features", [])}
     torch.set_num_threads(1)
     material = materials_in_groups(
         sae, args.activations, features, model.tokenizer, model, args.batch_features,
@@ -146,7 +153,7 @@ def main() -> None:
         if feature in shuffled:
             labels.update(explanation=record["explanation"],
                           shuffled=records[shuffled[feature]]["explanation"])
-            if record["examples"] == row["examples"]:
+            if record["examples"] == row["examples"] and record.get("judge") == judge.method:
                 row["labels"]["explanation"] = record["explanation"]
                 row["scores"]["explanation"] = record["scores"]  # as stored by the run
         for name, text in labels.items():
@@ -159,7 +166,8 @@ def main() -> None:
         rows.append(row)
     summary_path = run / SUMMARY
     run_summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    result = {"sae": args.sae, "activations": args.activations, "explainer": judge.model_id,
+    result = {"sae": args.sae, "activations": args.activations, "explainer": explainer.model_id,
+              "judge": judge.method,
               "n_features": len(features), "n_explained": len(explained),
               "explanations_rescored": rescored,
               "material": {k: getattr(args, k) for k in (

@@ -10,9 +10,9 @@ For each feature, ``feature_material`` gathers from one corpus scan (``saekit.an
 ``explanation_prompt`` is a few-shot ChatML prompt; ``clean_explanation`` keeps the reply's
 first line, printable and bounded, so a corpus text cannot change the stored record's shape.
 
-Detection scoring (as in EleutherAI's delphi): for each held-out text, the judge is asked
-whether the text matches the explanation, and P(yes) is read from its next-token probabilities
-(``LocalExplainer.yes_probability``), never parsed from free text. ``score_explanation``
+Detection scoring (as in EleutherAI's delphi): for each held-out text, the judge
+(``saekit.explain_judges``) gives P(yes) that the text matches the explanation, from token
+probabilities, never parsed from free text. ``score_explanation``
 returns the balanced accuracy at P(yes) = 0.5, the balanced accuracy at the median P(yes) (a
 small judge's probabilities are badly calibrated; the texts are half activating by design), and
 the AUROC of P(yes) against the truth. Fuzzing and ``--score`` are in ``saekit.explain_scores``.
@@ -31,7 +31,7 @@ from saekit.analyse import (Example, FeatureScan, _chunks, bands_from_scan, exam
                             scan_features)
 from saekit.errors import SaekitError
 
-PROMPT_VERSION = "explain-v1"
+PROMPT_VERSION = "explain-v2"  # v2: a reply copying a few-shot answer is asked again without it
 MAX_EXPLANATION_CHARS = 120
 EXPLAIN_SYSTEM = ("You explain what a feature of a language model detects. You read texts where "
                   "it fires, with the tokens where it fires most marked <<like this>>, and the "
@@ -110,15 +110,52 @@ def _explain_request(texts: list[str], promoted: list[str]) -> str:
             f"\nTokens it makes more likely next: {tokens}\nWhat does the feature detect?")
 
 
-def explanation_prompt(material: FeatureMaterial) -> list[dict[str, str]]:
-    """The few-shot ChatML messages asking for ``material``'s explanation."""
+def explanation_prompt(material: FeatureMaterial,
+                       without: frozenset[int] = frozenset()) -> list[dict[str, str]]:
+    """The few-shot ChatML messages asking for ``material``'s explanation (``without``: indices
+    of ``FEW_SHOT`` examples left out)."""
     messages = [{"role": "system", "content": EXPLAIN_SYSTEM}]
-    for texts, promoted, answer in FEW_SHOT:
+    for i, (texts, promoted, answer) in enumerate(FEW_SHOT):
+        if i in without:
+            continue
         messages += [{"role": "user", "content": _explain_request(texts, promoted)},
                      {"role": "assistant", "content": answer}]
     texts = [marked_text(e) for e in material.shown]
     messages.append({"role": "user", "content": _explain_request(texts, material.promoted)})
     return messages
+
+
+def _normalised(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def copied_few_shot(explanation: str) -> int | None:
+    """The index of the ``FEW_SHOT`` answer ``explanation`` repeats (case, quotes and
+    punctuation ignored), or None. A small explainer often copies the last example's answer
+    whatever the texts (86 of 210 replies of SmolLM2-135M with prompt explain-v1)."""
+    answers = [_normalised(answer) for _, _, answer in FEW_SHOT]
+    said = _normalised(explanation)
+    return answers.index(said) if said in answers else None
+
+
+def explain_without_copies(generate: Callable[[list[list[dict[str, str]]]], list[str]],
+                           materials: list[FeatureMaterial]) -> list[str]:
+    """``generate``'s reply to each material's ``explanation_prompt``; a reply that copies a
+    few-shot answer is asked for again with that example left out, until none is copied (at
+    most ``len(FEW_SHOT)`` more rounds; with no example left there is nothing to copy)."""
+    without = [frozenset() for _ in materials]
+    replies = generate([explanation_prompt(m) for m in materials])
+    for _ in FEW_SHOT:
+        again = [i for i, reply in enumerate(replies)
+                 if copied_few_shot(clean_explanation(reply)) is not None]
+        if not again:
+            break
+        for i in again:
+            without[i] |= {copied_few_shot(clean_explanation(replies[i]))}
+        for i, reply in zip(again, generate([explanation_prompt(materials[i], without[i])
+                                             for i in again])):
+            replies[i] = reply
+    return replies
 
 
 def clean_explanation(reply: str) -> str:
@@ -168,33 +205,25 @@ def auroc(p_yes: torch.Tensor, truth: torch.Tensor) -> float:
 def score_explanation(judge, explanation: str, activating: list[str],
                       non_activating: list[str]) -> DetectionScore:
     """Detection score of ``explanation`` on texts where the feature fires and where it does not
-    (``judge``: a ``LocalExplainer``)."""
-    return judge_texts(judge, explanation, activating, non_activating, detection_prompt,
+    (``judge``: ``saekit.explain_judges``)."""
+    return judge_texts(judge, "detection", explanation, activating, non_activating,
                        "Detection needs activating and non-activating texts")
 
 
-def judge_texts(judge, explanation: str, positive: list[str], negative: list[str],
-                prompt: Callable[[str, str], list[dict[str, str]]], needs: str
-                ) -> DetectionScore:
-    """``judged_score`` of ``prompt(explanation, text)`` for the ``positive`` texts (which
-    should get yes) and the ``negative`` ones; ``ExplainError`` (``needs`` ...) if either is
-    empty, or if the explanation is."""
+def judge_texts(judge, scorer: str, explanation: str, positive: list[str], negative: list[str],
+                needs: str) -> DetectionScore:
+    """The scores of ``judge``'s P(yes) that the ``positive`` texts (which should get yes) and
+    the ``negative`` ones fit ``explanation`` (``scorer``: detection or fuzzing);
+    ``ExplainError`` (``needs`` ...) if either list is empty, or if the explanation is."""
     if not positive or not negative:
         raise ExplainError(f"{needs}, got {len(positive)} and {len(negative)}.")
     if not explanation.strip():
         raise ExplainError("The explanation to score is empty.")
-    return judged_score(judge, [prompt(explanation, t) for t in positive + negative],
-                        len(positive))
-
-
-def judged_score(judge, chats: list[list[dict[str, str]]], n_positive: int) -> DetectionScore:
-    """The scores of the judge's P(yes) on ``chats``, whose first ``n_positive`` should be
-    answered yes and the rest no (detection, and fuzzing in ``saekit.explain_scores``)."""
-    p_yes = judge.yes_probability(chats).float()  # [len(chats)]
-    truth = torch.arange(len(chats)) < n_positive
+    p_yes = judge.p_yes(scorer, explanation, positive + negative).float()  # [n]
+    truth = torch.arange(len(p_yes)) < len(positive)
     return DetectionScore(balanced_accuracy(p_yes, truth, 0.5),
                           balanced_accuracy(p_yes, truth, float(p_yes.median())),
-                          auroc(p_yes, truth), n_positive, len(chats) - n_positive,
+                          auroc(p_yes, truth), len(positive), len(negative),
                           p_yes[truth].tolist(), p_yes[~truth].tolist())
 
 

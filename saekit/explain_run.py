@@ -23,8 +23,9 @@ from saekit.config import DEVICE_HELP, check_fields, setting
 from saekit.dashboard import SAEAndCorpus, check_corpus_source
 from saekit.errors import ConfigError
 from saekit.explain import (PROMPT_VERSION, DetectionScore, ExplainError, FeatureMaterial,
-                            clean_explanation, example_id, explanation_prompt,
+                            clean_explanation, example_id, explain_without_copies,
                             feature_material, parse_json_lines, split_torn_line)
+from saekit.explain_judges import JUDGES, make_judge
 from saekit.explain_scores import SCORERS, parse_scorers, score_examples
 from saekit.explainer_model import DEFAULT_EXPLAINER
 from saekit.explainer_openai import DEFAULT_KEY_ENV, check_endpoint_options, endpoint_options
@@ -49,6 +50,10 @@ class ExplainConfig(SAEAndCorpus):
     explainer: str = setting(DEFAULT_EXPLAINER, "explainer/judge model: the offline default, "
                              "a local chat-model folder, or 'openai': an OpenAI-compatible "
                              "endpoint (--model, --base-url)")
+    judge: str = setting("auto", "how the judge scores a label: 'likelihood' (does the label "
+                         "make the text more likely; local models), 'question' (P(yes) of a "
+                         "yes/no question), 'auto' (likelihood, or question for an endpoint)",
+                         choices=list(JUDGES))
     model: str | None = setting(None, "with --explainer openai: the model the endpoint serves")
     base_url: str | None = setting(None, "with --explainer openai: the API root, e.g. "
                                    "http://127.0.0.1:8000/v1 (default: OpenAI's)")
@@ -77,6 +82,10 @@ class ExplainConfig(SAEAndCorpus):
         check_fields(self)
         check_corpus_source(self, "explain")
         check_endpoint_options(self)
+        if self.judge == "likelihood" and self.explainer == "openai":
+            raise ConfigError("--judge likelihood reads the log-probabilities of given texts, "
+                              "which an OpenAI-compatible endpoint does not return: use --judge "
+                              "question (or auto) with --explainer openai.")
         if (self.hypothesis is None) != (self.feature is None):
             raise ConfigError("--hypothesis TEXT and --feature N go together.")
         if self.hypothesis is not None and not self.hypothesis.strip():
@@ -93,8 +102,10 @@ class ExplainConfig(SAEAndCorpus):
 # --- the resumable store -----------------------------------------------------------------------
 
 def record_key(record: dict) -> tuple:
-    """What must match for a stored explanation to be reused: SAE, explainer, prompt version."""
-    return record.get("sae"), record.get("explainer"), record.get("prompt_version")
+    """What must match for a stored explanation to be reused: SAE, explainer, prompt version,
+    judge method."""
+    return (record.get("sae"), record.get("explainer"), record.get("prompt_version"),
+            record.get("judge"))
 
 
 def read_explanations(path: Path) -> list[dict]:
@@ -121,14 +132,14 @@ def append_record(path: Path, record: dict) -> None:
 
 def _record(material: FeatureMaterial, reply: str, scores: dict[str, DetectionScore],
             key: tuple):
-    sae_id, explainer_id, version = key
+    sae_id, explainer_id, version, judge = key
     return {"feature": material.feature, "explanation": clean_explanation(reply),
             "scores": {name: score.summary() for name, score in scores.items()},
             "examples": {"shown": [example_id(e) for e in material.shown],
                          "activating": [example_id(e) for e in material.activating],
                          "non_activating": [example_id(e) for e in material.non_activating]},
             "logit_lens": material.promoted, "sae": sae_id, "explainer": explainer_id,
-            "prompt_version": version}
+            "prompt_version": version, "judge": judge}
 
 
 def score_material(judge, explanation: str, material: FeatureMaterial,
@@ -141,20 +152,22 @@ def score_material(judge, explanation: str, material: FeatureMaterial,
 
 def explain_features(sae, source, features: list[int], out: str | Path, explainer, tokenizer,
                      sae_id: str, model=None, scorers: Sequence[str] = SCORERS,
-                     progress: bool = False,
+                     judge=None, progress: bool = False,
                      batch_features: int = 8, max_new_tokens: int = 24,
                      **material_options) -> dict:
     """Explain ``features`` of ``sae`` from ``source`` and score them with ``scorers``,
     appending to ``OUT/explanations.jsonl`` and skipping features already there; returns the
     summary (also written to ``OUT/explanations_summary.json``). ``explainer``: a
-    ``LocalExplainer`` (it also judges); ``tokenizer``: the SAE model's; ``material_options``
-    go to ``feature_material``."""
+    ``LocalExplainer`` or ``OpenAIExplainer``; ``judge``: ``saekit.explain_judges`` (default:
+    ``make_judge(explainer)``); ``tokenizer``: the SAE model's; ``material_options`` go to
+    ``feature_material``."""
     if not features:
         raise ExplainError("No features to explain: the feature list is empty.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / EXPLANATIONS
-    key = (sae_id, explainer.model_id, PROMPT_VERSION)
+    judge = judge if judge is not None else make_judge(explainer)
+    key = (sae_id, explainer.model_id, PROMPT_VERSION, judge.method)
     done = {r["feature"] for r in read_explanations(path) if record_key(r) == key}
     features = list(dict.fromkeys(features))
     todo = [f for f in features if f not in done]
@@ -168,13 +181,13 @@ def explain_features(sae, source, features: list[int], out: str | Path, explaine
         if all(f in done for f in group):
             continue
         materials = feature_material(sae, source, group, tokenizer, model, **material_options)
-        replies = explainer.generate([explanation_prompt(materials[f]) for f in group],
-                                     max_new_tokens)
+        replies = explain_without_copies(lambda chats: explainer.generate(chats, max_new_tokens),
+                                         [materials[f] for f in group])
         for feature, reply in zip(group, replies):
             if feature in done:
                 continue
             material = materials[feature]
-            scores = score_material(explainer, clean_explanation(reply), material, scorers,
+            scores = score_material(judge, clean_explanation(reply), material, scorers,
                                     material_options.get("seed", 0))
             append_record(path, _record(material, reply, scores, key))
             bar.update()
@@ -189,7 +202,7 @@ def write_summary(out: Path, features: list[int], key: tuple, n_new: int, second
     wanted = set(features)
     records = [r for r in read_explanations(out / EXPLANATIONS)
                if record_key(r) == key and r["feature"] in wanted]
-    summary = {"sae": key[0], "explainer": key[1], "prompt_version": key[2],
+    summary = {"sae": key[0], "explainer": key[1], "prompt_version": key[2], "judge": key[3],
                "n_features": len(records),
                "n_scored": sum(bool(r["scores"]) for r in records),
                "n_empty_explanations": sum(not r["explanation"] for r in records),
@@ -257,6 +270,7 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> dict:
     features = parse_features(config.features if config.feature is None else str(config.feature),
                               sae.d_sae)
     explainer = load_explainer(config.explainer, config.device, **endpoint_options(config))
+    judge = make_judge(explainer, config.judge)
     model_name = sae.cfg.metadata.model_name or DEFAULT_MODEL
     model = load_model(model_name, config.device) if config.logit_lens or config.dataset \
         else None
@@ -267,12 +281,12 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> dict:
                    seed=config.seed)
     scorers = parse_scorers(config.score)
     if config.hypothesis is not None:
-        scores, _ = score_hypothesis(sae, source, features[0], config.hypothesis, explainer,
+        scores, _ = score_hypothesis(sae, source, features[0], config.hypothesis, judge,
                                      tokenizer, scorers, **options)
         result = {"feature": features[0], "hypothesis": config.hypothesis,
                   **{name: s.summary() for name, s in scores.items()},
                   "explainer": explainer.model_id, "prompt_version": PROMPT_VERSION,
-                  "p_yes": {name: {"activating": s.p_yes_activating,
+                  "judge": judge.method, "p_yes": {name: {"activating": s.p_yes_activating,
                                    "non_activating": s.p_yes_non_activating}
                             for name, s in scores.items()}}
         write_json(Path(config.out) / HYPOTHESIS, result)
@@ -281,6 +295,6 @@ def run_explain(config: ExplainConfig, progress: bool = True) -> dict:
     sae_id = str(sae_path.resolve()) if sae_path.exists() else config.sae
     with output_lock(config.out, "explain"):
         return explain_features(sae, source, features, config.out, explainer, tokenizer,
-                                sae_id, model=model, scorers=scorers,
+                                sae_id, model=model, scorers=scorers, judge=judge,
                                 progress=progress, batch_features=config.batch_features,
                                 max_new_tokens=config.max_new_tokens, **options)

@@ -6,7 +6,7 @@ explanation and an activating text with some tokens marked ``<<like this>>`` (th
 explainer reads, ``marked_text``) and is asked whether the marked tokens are where the feature
 fires. Each held-out activating example is shown twice: correctly marked (the tokens where the
 feature fires) and wrongly marked (as many marks moved to random tokens where it is 0). P(yes)
-comes from the judge's next-token probabilities; the score is the balanced accuracy and AUROC
+comes from the judge (``saekit.explain_judges``); the score is the balanced accuracy and AUROC
 of correctly vs wrongly marked (``DetectionScore``: "activating" = correctly marked). Unlike
 detection, fuzzing asks whether the explanation points at the right *tokens* of texts that all
 come from the feature.
@@ -70,9 +70,9 @@ def fuzzing_prompt(explanation: str, marked: str) -> list[dict[str, str]]:
 
 
 def score_fuzzing(judge, explanation: str, correct: list[str], wrong: list[str]) -> DetectionScore:
-    """Fuzzing score of ``explanation`` on correctly and wrongly marked texts (``judge``: a
-    ``LocalExplainer``)."""
-    return judge_texts(judge, explanation, correct, wrong, fuzzing_prompt,
+    """Fuzzing score of ``explanation`` on correctly and wrongly marked texts (``judge``:
+    ``saekit.explain_judges``)."""
+    return judge_texts(judge, "fuzzing", explanation, correct, wrong,
                        "Fuzzing needs correctly and wrongly marked texts")
 
 

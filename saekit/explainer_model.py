@@ -6,9 +6,9 @@ The offline default, SmolLM2-135M-Instruct, comes from the PyPI package ``llm-sm
 later loads read that folder. The package is found without importing it (its ``__init__``
 imports ``llm``, which is not installed).
 
-``LocalExplainer`` wraps the model for the two things ``explain`` asks of it: greedy batched
-generation of a short answer to chat prompts, and P(yes) of a yes/no question read from the
-next-token probabilities.
+``LocalExplainer`` wraps the model for what ``explain`` asks of it: greedy batched generation of
+a short answer to chat prompts, P(yes) of a yes/no question read from the next-token
+probabilities, and the log-likelihood of a text after a context (``saekit.explain_judges``).
 """
 
 from __future__ import annotations
@@ -114,6 +114,30 @@ class LocalExplainer:
             p_yes, p_no = probs[:, yes].sum(-1), probs[:, no].sum(-1)
             out.append((p_yes / (p_yes + p_no).clamp_min(1e-12)).cpu())
         return torch.cat(out) if out else torch.empty(0)
+
+    @torch.inference_mode()
+    def log_likelihood(self, pairs: list[tuple[str, str]]) -> Tensor:
+        """``[n]`` log p(text | context), summed over the text's tokens, of each ``(context,
+        text)`` pair, read as plain text (no chat template)."""
+        out = []
+        pad = self.tokenizer.pad_token_id
+        device = next(self.model.parameters()).device
+        for start in range(0, len(pairs), self.batch_size):
+            contexts, texts = [], []
+            for context, text in pairs[start:start + self.batch_size]:
+                contexts.append(self.tokenizer.encode(context, add_special_tokens=True))
+                texts.append(self.tokenizer.encode(text, add_special_tokens=False))
+            seqs = [c + t for c, t in zip(contexts, texts)]
+            ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, seq in enumerate(seqs):  # right-padded: positions as in an unpadded run
+                ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+            logits = self.model(input_ids=ids.to(device),
+                                attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
+            token_lp = logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+            for i, (context, seq) in enumerate(zip(contexts, seqs)):  # the text's tokens only
+                out.append(token_lp[i, len(context) - 1:len(seq) - 1].sum())
+        return torch.stack(out) if out else torch.empty(0)
 
     def answer_tokens(self) -> tuple[list[int], list[int]]:
         """Token ids that begin a yes answer and a no answer (single-token spellings)."""

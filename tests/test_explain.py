@@ -14,8 +14,10 @@ import torch
 
 from saekit import cli
 from saekit.analyse import Example, feature_statistics
-from saekit.explain import (ExplainError, clean_explanation, detection_prompt, example_text,
-                            marked_text, score_explanation)
+from saekit.explain import (FEW_SHOT, ExplainError, FeatureMaterial, clean_explanation,
+                            copied_few_shot, detection_prompt, example_text,
+                            explain_without_copies, marked_text, score_explanation)
+from saekit.explain_judges import LikelihoodJudge, QuestionJudge, make_judge
 from saekit.explain_run import EXPLANATIONS, SUMMARY, explain_features, read_explanations
 from saekit.explain_scores import (fuzz_texts, misplaced, parse_scorers, score_examples,
                                    score_fuzzing)
@@ -50,12 +52,48 @@ def test_an_injected_reply_cannot_change_the_record_shape():
     assert clean_explanation("\n\n") == ""
 
 
+def test_a_reply_copying_a_few_shot_answer_is_asked_again_without_that_example():
+    assert FEW_SHOT[1][2] == "the word 'in' before a year or date"
+    assert copied_few_shot('The word "in" before a year or date.') == 1  # quotes, case, dot
+    assert copied_few_shot("the word 'en' before a year or date") is None
+    materials = [FeatureMaterial(f, [example(["a", f" b{f}"], [0, 1.0])], [], [], [])
+                 for f in range(3)]
+    asked = []
+
+    def generate(chats):  # copies the last example's answer while there is one, except on b1
+        asked.append(chats)
+        out = []
+        for chat in chats:
+            answers = [m["content"] for m in chat if m["role"] == "assistant"]
+            out.append(answers[-1] if answers and "b1" not in chat[-1]["content"] else "own")
+        return out
+
+    replies = explain_without_copies(generate, materials)
+    # all three asked; 0 and 2 copy example 1, then (asked without it) example 0, then have
+    # no example left to copy
+    assert [len(chats) for chats in asked] == [3, 2, 2]
+    assert [sum(m["role"] == "assistant" for m in chats[0]) for chats in asked] == [2, 1, 0]
+    assert replies == ["own", "own", "own"]
+
+
 @pytest.fixture(scope="module")
-def judge():
+def explainer():
     from saekit.explainer_model import load_explainer
 
     torch.set_num_threads(1)
     return load_explainer(batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def judge(explainer):
+    """The yes/no question judge on SmolLM2-135M (``--judge question``)."""
+    return QuestionJudge(explainer)
+
+
+@pytest.fixture(scope="module")
+def likelihood_judge(explainer):
+    """The default local judge (``--judge likelihood``)."""
+    return make_judge(explainer)
 
 
 def test_detection_tells_cheese_texts_from_others(judge):
@@ -70,6 +108,36 @@ def test_detection_tells_cheese_texts_from_others(judge):
         score_explanation(judge, "  ", CHEESE, OTHER)
     with pytest.raises(ExplainError):
         score_explanation(judge, "cheese", CHEESE, [])
+
+
+def test_the_likelihood_judge_reads_the_label_not_the_text(likelihood_judge, explainer):
+    """Measured with SmolLM2-135M: P(yes) 0.92-1.0 on the cheese texts for "the word cheese",
+    0.0-0.64 on the others (AUROC 1.0); "days of the week" 0.63. Fuzzing: correct marks 0.92-1.0,
+    misplaced 0.84-0.97 (AUROC 0.86); "days of the week" 0.36. (The question judge on the same
+    model: 0.42 and 0.39, ``test_fuzzing_of_cheese_texts_with_the_135m_judge``.)"""
+    assert isinstance(likelihood_judge, LikelihoodJudge)
+    for label in ("the word cheese", "cheese and other dairy foods"):
+        assert score_explanation(likelihood_judge, label, CHEESE, OTHER).auroc > 0.95
+    assert score_explanation(likelihood_judge, "days of the week", CHEESE, OTHER).auroc < 0.8
+    correct, wrong = fuzz_texts([words(t, "cheese") for t in CHEESE_LONG], seed=0)
+    assert score_fuzzing(likelihood_judge, "the word cheese", correct, wrong).auroc > 0.8
+    assert score_fuzzing(likelihood_judge, "days of the week", correct, wrong).auroc < 0.5
+    pairs = [("A text about x:\n", "hello there"), ("A longer context about it:\n", "a b c d e")]
+    together = explainer.log_likelihood(pairs)  # padded batch = one at a time
+    alone = torch.cat([explainer.log_likelihood([pair]) for pair in pairs])
+    assert torch.allclose(together, alone, atol=1e-3) and (together < 0).all()
+
+
+def test_auto_judges_by_likelihood_locally_and_by_question_at_an_endpoint(explainer):
+    class Endpoint:  # what OpenAIExplainer offers: no log_likelihood
+        def yes_probability(self, chats):
+            return torch.full((len(chats),), 0.5)
+
+    assert make_judge(explainer).method == "likelihood"
+    assert make_judge(explainer, "question").method == "question"
+    assert isinstance(make_judge(Endpoint()), QuestionJudge)
+    with pytest.raises(ExplainError, match="--judge question"):
+        make_judge(Endpoint(), "likelihood")
 
 
 def words(text: str, hot: str) -> Example:
@@ -157,9 +225,9 @@ def live_features(shipped_sae, small_capture) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def explained(shipped_sae, small_capture, live_features, judge, model, tmp_path_factory) -> Path:
+def explained(shipped_sae, small_capture, live_features, explainer, model, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("explain") / "out"
-    explain_features(shipped_sae, small_capture, live_features, out, judge, model.tokenizer,
+    explain_features(shipped_sae, small_capture, live_features, out, explainer, model.tokenizer,
                      "shipped", model=model, **SMALL)
     return out
 
@@ -174,7 +242,9 @@ def test_explain_writes_one_scored_line_per_feature(explained, live_features):
     assert [r["feature"] for r in records] == live_features
     for r in records:
         assert r["explanation"] and len(r["explanation"]) <= 120
-        assert r["explainer"] == "smollm2-135m-instruct" and r["prompt_version"]
+        assert copied_few_shot(r["explanation"]) is None
+        assert r["explainer"] == "smollm2-135m-instruct" and r["prompt_version"] == "explain-v2"
+        assert r["judge"] == "likelihood"
         assert r["examples"]["shown"] and len(r["examples"]["non_activating"]) == 2
         assert r["logit_lens"]
         assert 0 <= r["scores"]["detection"]["auroc"] <= 1
@@ -188,18 +258,18 @@ def test_explain_writes_one_scored_line_per_feature(explained, live_features):
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_losing_or_repeating_a_feature(
-        explained, shipped_sae, small_capture, live_features, judge, model, tmp_path):
+        explained, shipped_sae, small_capture, live_features, explainer, model, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(explained, out)
     whole = (explained / EXPLANATIONS).read_text()
     first, second = whole.splitlines(keepends=True)
     (out / EXPLANATIONS).write_text(first + second[:len(second) // 2])  # killed mid-write
-    explain_features(shipped_sae, small_capture, live_features, out, judge, model.tokenizer,
+    explain_features(shipped_sae, small_capture, live_features, out, explainer, model.tokenizer,
                      "shipped", model=model, **SMALL)
     resumed = read_explanations(out / EXPLANATIONS)
     assert [r["feature"] for r in resumed] == live_features
     assert resumed == read_explanations(explained / EXPLANATIONS)
-    explain_features(shipped_sae, small_capture, live_features, out, judge, model.tokenizer,
+    explain_features(shipped_sae, small_capture, live_features, out, explainer, model.tokenizer,
                      "shipped", model=model, **SMALL)  # all done: nothing new
     assert (out / EXPLANATIONS).read_text() == whole
 
@@ -223,6 +293,7 @@ def test_a_corrupt_middle_line_is_named(tmp_path):
     (["--score", "simulation"], "--score"),
     (["--score", "detection,"], "--score"),
     (["--feature", "3", "--hypothesis", "cheese", "--score", "none"], "--score"),
+    (["--explainer", "openai", "--model", "m", "--judge", "likelihood"], "--judge question"),
 ])
 def test_bad_input_is_a_clean_error_before_any_work(tmp_path, capsys, flags, named):
     """Refused before the cache is opened or a model loaded (the cache here does not exist)."""
@@ -234,11 +305,11 @@ def test_bad_input_is_a_clean_error_before_any_work(tmp_path, capsys, flags, nam
     assert not out.exists()
 
 
-def test_nan_counts_are_refused_by_the_parser(capsys):
+@pytest.mark.parametrize("flag, value", [("--n-bands", "nan"), ("--judge", "vote")])
+def test_values_outside_the_domain_are_refused_by_the_parser(capsys, flag, value):
     with pytest.raises(SystemExit) as stopped:
-        cli.main(["explain", "--sae", "x", "--dataset", "default", "--out", "o",
-                  "--n-bands", "nan"])
-    assert stopped.value.code == 2 and "--n-bands" in capsys.readouterr().err
+        cli.main(["explain", "--sae", "x", "--dataset", "default", "--out", "o", flag, value])
+    assert stopped.value.code == 2 and flag in capsys.readouterr().err
 
 
 def test_the_hypothesis_command_scores_a_label_with_every_scorer(small_capture, live_features,

@@ -18,6 +18,7 @@ import pytest
 from saekit import cli
 from saekit.errors import ModelLoadError
 from saekit.explain import score_explanation
+from saekit.explain_judges import QuestionJudge
 from saekit.explain_run import (EXPLANATIONS, SUMMARY, ExplainConfig, explain_features,
                                 read_explanations)
 from saekit.explainer_model import explainer_gguf, load_explainer
@@ -119,7 +120,7 @@ def test_the_served_judge_tells_cheese_texts_from_others(explainer):
     """Measured over runs: P(yes) 0.48-0.54 on the cheese texts, 0.40-0.50 on the others
     (means 0.51-0.52 vs 0.44-0.45), AUROC 0.94-1.0. The values move by a few hundredths with the
     server's prompt cache and batching, so the asserts leave room."""
-    score = score_explanation(explainer, "the word cheese", CHEESE, OTHER)
+    score = score_explanation(QuestionJudge(explainer), "the word cheese", CHEESE, OTHER)
     p_yes = score.p_yes_activating + score.p_yes_non_activating
     assert all(0 <= p <= 1 for p in p_yes) and len(p_yes) == 8
     assert score.auroc >= 0.75
