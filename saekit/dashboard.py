@@ -245,7 +245,8 @@ def explanation_html(record: FeatureExplanation | None) -> str:
                    + "</tr>" for scorer, summary in record.scores.items())
     scores = (f'<table class="scores"><tr><th>Scorer</th>{head}</tr>{rows}</table>' if rows
               else "<p>Not scored.</p>")
-    source = f"by {record.explainer or '?'}, prompt {record.prompt_version or '?'}"
+    source = f"by {record.explainer or '?'}, prompt {record.prompt_version or '?'}" + \
+        (f", judged by {record.judge}" if record.judge else "")
     return (f'<h2>Explanation</h2><p class="explanation">{esc(record.explanation)}</p>'
             f'<p class="meta">{esc(source)}</p>{scores}')
 

@@ -18,7 +18,7 @@ those labels 0.65 in fuzzing (shuffled labels: 0.56).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -54,6 +54,8 @@ class LikelihoodJudge:
 
     model: object  # LocalExplainer
     method: str = "likelihood"
+    # log p(text | content-free context), the same for every label: (scorer, text) -> value
+    content_free: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
 
     def p_yes(self, scorer: str, label: str, texts: list[str]) -> Tensor:
         """``[len(texts)]`` sigmoid of the log-likelihood ratio of each text with and without
@@ -61,8 +63,13 @@ class LikelihoodJudge:
         context = LIKELIHOOD_CONTEXTS[scorer]
         with_label = self.model.log_likelihood(
             [(context.format(label=clean_text(label)), text) for text in texts])
-        without = self.model.log_likelihood(
-            [(context.format(label=CONTENT_FREE_LABEL), text) for text in texts])
+        if len(self.content_free) > 20_000:  # bounded: a run's labels share texts per feature
+            self.content_free.clear()
+        new = list(dict.fromkeys(t for t in texts if (scorer, t) not in self.content_free))
+        free = self.model.log_likelihood(
+            [(context.format(label=CONTENT_FREE_LABEL), text) for text in new])
+        self.content_free.update({(scorer, t): float(v) for t, v in zip(new, free)})
+        without = torch.tensor([self.content_free[scorer, t] for t in texts])
         return torch.sigmoid(with_label - without)
 
 

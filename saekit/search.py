@@ -55,6 +55,7 @@ class FeatureExplanation:
     sae: str | None = None
     explainer: str | None = None
     prompt_version: str | None = None
+    judge: str | None = None  # how the scores were judged (saekit.explain_judges)
 
     @property
     def score(self) -> float | None:
@@ -100,7 +101,7 @@ def _record(data: object, where: str) -> FeatureExplanation:
                            "`saekit explain`.")
     scores = data.get("scores") if isinstance(data.get("scores"), dict) else {}
     text = {k: data.get(k) if isinstance(data.get(k), str) else None
-            for k in ("sae", "explainer", "prompt_version")}
+            for k in ("sae", "explainer", "prompt_version", "judge")}
     return FeatureExplanation(data["feature"], data["explanation"],
                               {str(k): v for k, v in scores.items() if isinstance(v, dict)}, **text)
 

@@ -192,7 +192,8 @@ def explained(model, made):
         summary = {name: {"balanced_accuracy": value, "auroc": value, "n_activating": 10}
                    for name, value in scores.get(feature, {}).items()}
         lines.append({"feature": feature, "explanation": text, "scores": summary,
-                      "explainer": "smollm2-135m-instruct", "prompt_version": "explain-v1"})
+                      "explainer": "smollm2-135m-instruct", "prompt_version": "explain-v2",
+                      "judge": "likelihood"})
     lines[3]["scores"]["detection"]["note"] = "<b>bold</b>"  # a hostile non-number value
     path = folder / "explain" / "explanations.jsonl"
     path.parent.mkdir()
@@ -222,7 +223,8 @@ def test_explanations_show_as_text_on_feature_pages(explained, tmp_path):
         assert not [t for t, a in dom.tags if t in ("script", "img", "iframe", "object", "b")]
         shown = re.findall(r'<p class="explanation">(.*?)</p>', result.stdout)
         assert [html.unescape(s) for s in shown] == [texts[feature]]  # the latest, as text
-        assert "by smollm2-135m-instruct, prompt explain-v1" in result.stdout
+        assert "by smollm2-135m-instruct, prompt explain-v2, judged by likelihood" in \
+            result.stdout
         plain = (out / f"feature_{ids[3]}.html").read_text()
         assert result.stdout.count("<h2>") == plain.count("<h2>") == 7  # structure unchanged
     pwned = (out / f"feature_{ids[1]}.html").read_text()
