@@ -54,8 +54,11 @@ class LikelihoodJudge:
 
     model: object  # LocalExplainer
     method: str = "likelihood"
-    # log p(text | content-free context), the same for every label: (scorer, text) -> value
-    content_free: dict[tuple[str, str], float] = field(default_factory=dict, repr=False)
+    # log p(text | content-free context) of a call's texts, the same for every label scored on
+    # them: (scorer, texts) -> [n]. Keyed by the whole list, so the values are computed in the
+    # same batches as without the cache (bit for bit: a resumed run stores the same scores).
+    content_free: dict[tuple[str, tuple[str, ...]], Tensor] = field(default_factory=dict,
+                                                                     repr=False)
 
     def p_yes(self, scorer: str, label: str, texts: list[str]) -> Tensor:
         """``[len(texts)]`` sigmoid of the log-likelihood ratio of each text with and without
@@ -63,14 +66,13 @@ class LikelihoodJudge:
         context = LIKELIHOOD_CONTEXTS[scorer]
         with_label = self.model.log_likelihood(
             [(context.format(label=clean_text(label)), text) for text in texts])
-        if len(self.content_free) > 20_000:  # bounded: a run's labels share texts per feature
-            self.content_free.clear()
-        new = list(dict.fromkeys(t for t in texts if (scorer, t) not in self.content_free))
-        free = self.model.log_likelihood(
-            [(context.format(label=CONTENT_FREE_LABEL), text) for text in new])
-        self.content_free.update({(scorer, t): float(v) for t, v in zip(new, free)})
-        without = torch.tensor([self.content_free[scorer, t] for t in texts])
-        return torch.sigmoid(with_label - without)
+        key = (scorer, tuple(texts))
+        if key not in self.content_free:
+            if len(self.content_free) >= 64:  # the labels of a feature are scored together
+                self.content_free.clear()
+            self.content_free[key] = self.model.log_likelihood(
+                [(context.format(label=CONTENT_FREE_LABEL), text) for text in texts])
+        return torch.sigmoid(with_label - self.content_free[key])
 
 
 def make_judge(model, method: str = "auto") -> QuestionJudge | LikelihoodJudge:

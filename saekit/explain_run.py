@@ -3,8 +3,8 @@
 ``explain_features`` appends one JSON line per feature to ``OUT/explanations.jsonl`` (a whole
 line, flushed and fsynced, after the feature is explained and scored). Killed at any point, the
 same call continues: on start a torn last line is cut off, and features already stored for the
-same (SAE, explainer model, prompt version) are skipped, so each feature is stored exactly once.
-The explainer is greedy and the corpus scan seeded, so a resumed run stores what an
+same (SAE, explainer model, prompt version, judge method) are skipped, so each feature is
+stored exactly once. The explainer is greedy and the corpus scan seeded, so a resumed run stores what an
 uninterrupted one would. ``OUT/explanations_summary.json`` (written atomically) sums it up.
 """
 

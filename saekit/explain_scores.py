@@ -1,10 +1,9 @@
 """Scorers of a feature explanation besides detection (``saekit.explain``): fuzzing, and the
 one entry point ``score_examples`` that runs the scorers ``saekit explain --score`` names.
 
-Fuzzing (as in EleutherAI's delphi and OpenAI's explainer work): the judge reads the
-explanation and an activating text with some tokens marked ``<<like this>>`` (the marking the
-explainer reads, ``marked_text``) and is asked whether the marked tokens are where the feature
-fires. Each held-out activating example is shown twice: correctly marked (the tokens where the
+Fuzzing (as in EleutherAI's delphi and OpenAI's explainer work): the judge scores the
+explanation against an activating text with some tokens marked ``<<like this>>`` (the marking
+the explainer reads, ``marked_text``): are the marked tokens where the feature fires? Each held-out activating example is shown twice: correctly marked (the tokens where the
 feature fires) and wrongly marked (as many marks moved to random tokens where it is 0). P(yes)
 comes from the judge (``saekit.explain_judges``); the score is the balanced accuracy and AUROC
 of correctly vs wrongly marked (``DetectionScore``: "activating" = correctly marked). Unlike

@@ -73,7 +73,8 @@ def convert_explainer_gguf(gguf: Path, folder: Path) -> Path:
 
 @dataclass
 class LocalExplainer:
-    """A chat model run locally with transformers: greedy generation and yes/no probabilities."""
+    """A chat model run locally with transformers: greedy generation, yes/no probabilities and
+    text log-likelihoods."""
 
     model: object  # a transformers causal LM, eval mode
     tokenizer: object
@@ -118,23 +119,26 @@ class LocalExplainer:
     @torch.inference_mode()
     def log_likelihood(self, pairs: list[tuple[str, str]]) -> Tensor:
         """``[n]`` log p(text | context), summed over the text's tokens, of each ``(context,
-        text)`` pair, read as plain text (no chat template)."""
+        text)`` pair, read as plain text (no chat template); the context must not be empty."""
         out = []
-        pad = self.tokenizer.pad_token_id
+        pad = self.tokenizer.pad_token_id or 0  # padded positions are masked and never read
         device = next(self.model.parameters()).device
         for start in range(0, len(pairs), self.batch_size):
             contexts, texts = [], []
             for context, text in pairs[start:start + self.batch_size]:
                 contexts.append(self.tokenizer.encode(context, add_special_tokens=True))
                 texts.append(self.tokenizer.encode(text, add_special_tokens=False))
+                if not contexts[-1]:
+                    raise ValueError("log_likelihood needs a non-empty context.")
             seqs = [c + t for c, t in zip(contexts, texts)]
             ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for i, seq in enumerate(seqs):  # right-padded: positions as in an unpadded run
                 ids[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
-            logits = self.model(input_ids=ids.to(device),
-                                attention_mask=mask.to(device)).logits[:, :-1].float().cpu()
-            token_lp = logits.gather(-1, ids[:, 1:, None])[..., 0] - logits.logsumexp(-1)
+            ids, mask = ids.to(device), mask.to(device)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            token_lp = (logits.gather(-1, ids[:, 1:, None])[..., 0]
+                        - logits.logsumexp(-1)).cpu()  # [batch, length - 1]
             for i, (context, seq) in enumerate(zip(contexts, seqs)):  # the text's tokens only
                 out.append(token_lp[i, len(context) - 1:len(seq) - 1].sum())
         return torch.stack(out) if out else torch.empty(0)
