@@ -107,8 +107,8 @@ def main() -> None:
                         "order (default: the stored records' order)")
     parser.add_argument("--labels", default="explanation,shuffled,top_tokens",
                         help="which of (a), (b), (c) to score here")
-    parser.add_argument("--merge", help="an earlier --json of the same material: its scores "
-                        "are reused")
+    parser.add_argument("--merge", help="earlier --json files (comma list) of the same "
+                        "material: their scores are reused")
     parser.add_argument("--judge", default="auto", choices=JUDGES,
                         help="the judge method (saekit explain --judge)")
     parser.add_argument("--json")
@@ -131,11 +131,18 @@ def main() -> None:
     model = load_model(sae.cfg.metadata.model_name, device="cpu")
     explainer = load_explainer()
     judge = make_judge(explainer, args.judge)
-    earlier = json.loads(Path(args.merge).read_text()) if args.merge else {}
-    if earlier and earlier.get("judge", "question") != judge.method:
-        parser.error(f"--merge {args.merge} was judged by {earlier.get('judge', 'question')}, "
-                     f"not {judge.method}")
-    merged = {row["feature"]: row for row in earlier.get("features", [])}
+    merged: dict[int, dict] = {}
+    for path in args.merge.split(",") if args.merge else []:
+        earlier = json.loads(Path(path).read_text())
+        if earlier.get("judge", "question") != judge.method:
+            parser.error(f"--merge {path} was judged by {earlier.get('judge', 'question')}, "
+                         f"not {judge.method}")
+        for row in earlier["features"]:
+            merged.setdefault(row["feature"], {"examples": row["examples"], "labels": {},
+                                               "scores": {}})
+            if merged[row["feature"]]["examples"] == row["examples"]:
+                merged[row["feature"]]["labels"].update(row["labels"])
+                merged[row["feature"]]["scores"].update(row["scores"])
     torch.set_num_threads(1)
     material = materials_in_groups(
         sae, args.activations, features, model.tokenizer, model, args.batch_features,
