@@ -10,10 +10,10 @@
   reacts to the texts themselves (shorter, rarer) cannot bias it. Needs the text's token
   log-probabilities: a local model.
 
-Measured on 30 features of the shipped SAE (2026-12-08): the question judge with
-SmolLM2-135M-Instruct is at or below chance even for labels built from the tokens the feature
-fires on (fuzzing AUROC 0.52, detection 0.45); the likelihood judge with the same model scores
-those labels 0.65 in fuzzing (shuffled labels: 0.56).
+Measured on 210 features of the shipped SAE with SmolLM2-135M-Instruct (README, "Explain
+features"): labels built from the tokens a feature fires on score AUROC 0.45 (detection) and
+0.52 (fuzzing) with the question judge, at chance; 0.58 and 0.61 with the likelihood judge,
+against 0.51 and 0.54 for labels of other features.
 """
 
 from __future__ import annotations
