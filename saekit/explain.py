@@ -146,12 +146,13 @@ def explain_without_copies(generate: Callable[[list[list[dict[str, str]]]], list
     without = [frozenset() for _ in materials]
     replies = generate([explanation_prompt(m) for m in materials])
     for _ in FEW_SHOT:
-        again = [i for i, reply in enumerate(replies)
-                 if copied_few_shot(clean_explanation(reply)) is not None]
-        if not again:
+        copied = {i: example for i, reply in enumerate(replies)
+                  if (example := copied_few_shot(clean_explanation(reply))) is not None}
+        if not copied:
             break
-        for i in again:
-            without[i] |= {copied_few_shot(clean_explanation(replies[i]))}
+        again = list(copied)
+        for i, example in copied.items():
+            without[i] |= {example}
         for i, reply in zip(again, generate([explanation_prompt(materials[i], without[i])
                                              for i in again])):
             replies[i] = reply
